@@ -1,0 +1,307 @@
+//! The CPU path: one fused pass per tensor, split over the current rayon pool.
+//!
+//! Parameters are mutated only through candle's in-place ops: the parameter through
+//! `inplace_op2` (with the gradient as the read-only operand), and inside it each state tensor
+//! through a nested `inplace_op1`, so that the innermost call holds `&mut` to the parameter and
+//! every slot at once and runs the single loop. No shared reference is ever written through.
+
+use super::Work;
+use crate::algorithm::{Kernel, Slots};
+use crate::elem::{Elem, Real};
+use crate::error::{Error, Result};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, InplaceOp1, InplaceOp2, Layout, Tensor};
+use half::{bf16, f16};
+use std::cell::RefCell;
+
+/// Smallest run of elements handed to one thread (128 KiB of f32 per stream).
+const GRAIN: usize = 1 << 15;
+/// Split points are multiples of this many elements, so two threads never write the same
+/// 64-byte cache line of any array (64 elements is a whole line even for f64/bf16 mixes).
+const ALIGN: usize = 64;
+
+/// Runs one fused update in place (see [`super::update`]).
+pub(crate) fn update<K: Kernel>(w: &Work<'_, K>) -> Result<()> {
+    w.param.inplace_op2(w.grad, &ParamOp { w })?;
+    Ok(())
+}
+
+struct ParamOp<'a, 'b, K> {
+    w: &'a Work<'b, K>,
+}
+
+impl<K: Kernel> InplaceOp2 for ParamOp<'_, '_, K> {
+    fn name(&self) -> &'static str {
+        "candle-optim-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &mut CpuStorage,
+        pl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        match (p, g) {
+            (CpuStorage::F32(p), CpuStorage::F32(g)) => {
+                self.run(contig_mut(p, pl)?, contig(g, gl)?)
+            }
+            (CpuStorage::F64(p), CpuStorage::F64(g)) => {
+                self.run(contig_mut(p, pl)?, contig(g, gl)?)
+            }
+            (CpuStorage::BF16(p), CpuStorage::BF16(g)) => {
+                self.run(contig_mut(p, pl)?, contig(g, gl)?)
+            }
+            (CpuStorage::F16(p), CpuStorage::F16(g)) => {
+                self.run(contig_mut(p, pl)?, contig(g, gl)?)
+            }
+            (p, g) => bail!(
+                "candle-optim: unsupported param/grad dtypes {:?}/{:?}",
+                p.dtype(),
+                g.dtype()
+            ),
+        }
+    }
+}
+
+impl<K: Kernel> ParamOp<'_, '_, K> {
+    fn run<P: Elem>(&self, p: &mut [P], g: &[P]) -> candle_core::Result<()> {
+        let w = self.w;
+        with_slots::<P::Math>(w.slots, Slots::new(), &mut |slots| {
+            for s in slots.iter() {
+                if s.len() != p.len() {
+                    bail!(
+                        "candle-optim: state slot has {} elements, param {}",
+                        s.len(),
+                        p.len()
+                    );
+                }
+            }
+            w.kernel.update_cpu(&mut *p, g, slots, w.shape);
+            Ok(())
+        })
+    }
+}
+
+type Body<'f, F> = dyn for<'s> FnMut(Slots<'s, F>) -> candle_core::Result<()> + 'f;
+
+/// Borrows each tensor of `tensors` mutably, one nested in-place op per tensor, and calls
+/// `body` with all their slices (after those already in `acc`).
+fn with_slots<F: Real>(
+    tensors: &[Tensor],
+    acc: Slots<'_, F>,
+    body: &mut Body<'_, F>,
+) -> candle_core::Result<()> {
+    match tensors.split_first() {
+        None => body(acc),
+        Some((t, rest)) => t.inplace_op1(&SlotOp {
+            rest,
+            acc: RefCell::new(Some(acc)),
+            body: RefCell::new(body),
+        }),
+    }
+}
+
+struct SlotOp<'a, 'b, 'c, F: Real> {
+    rest: &'a [Tensor],
+    acc: RefCell<Option<Slots<'b, F>>>,
+    body: RefCell<&'a mut Body<'c, F>>,
+}
+
+impl<F: Real> InplaceOp1 for SlotOp<'_, '_, '_, F> {
+    fn name(&self) -> &'static str {
+        "candle-optim-state"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let Some(v) = F::cpu_vec_mut(s) else {
+            bail!("candle-optim: state tensor has dtype {:?}", s.dtype())
+        };
+        let slice = contig_mut(v, l)?;
+        let Some(mut acc) = self.acc.borrow_mut().take() else {
+            bail!("candle-optim: state op entered twice")
+        };
+        if acc.is_full() {
+            bail!("candle-optim: too many state slots")
+        }
+        acc.push(slice);
+        let mut body = self.body.borrow_mut();
+        with_slots(self.rest, acc, &mut **body)
+    }
+}
+
+fn contig_mut<'a, T>(v: &'a mut [T], l: &Layout) -> candle_core::Result<&'a mut [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) if b <= v.len() => Ok(&mut v[a..b]),
+        _ => bail!("candle-optim: tensor is not contiguous"),
+    }
+}
+
+fn contig<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) if b <= v.len() => Ok(&v[a..b]),
+        _ => bail!("candle-optim: tensor is not contiguous"),
+    }
+}
+
+/// The split point of a run of `n` elements: about half, rounded to [`ALIGN`].
+fn split_point(n: usize) -> usize {
+    ((n / 2) + ALIGN - 1) / ALIGN * ALIGN
+}
+
+fn split_slots<'a, F>(s: Slots<'a, F>, mid: usize) -> (Slots<'a, F>, Slots<'a, F>) {
+    let mut l = Slots::new();
+    let mut r = Slots::new();
+    for x in s {
+        let (a, b) = x.split_at_mut(mid);
+        l.push(a);
+        r.push(b);
+    }
+    (l, r)
+}
+
+/// Applies `k` to a whole tensor, split into runs of at least [`GRAIN`] elements over the
+/// current rayon pool (run inline when the pool has one thread).
+pub fn par_apply<K: Kernel, P: Elem>(k: &K, p: &mut [P], g: &[P], s: Slots<'_, P::Math>) {
+    let threads = rayon::current_num_threads();
+    // A few leaves per thread balance the load; more only add joins.
+    let leaf = GRAIN.max(p.len() / (threads * 4).max(1));
+    apply_rec(k, p, g, s, leaf, threads > 1);
+}
+
+fn apply_rec<K: Kernel, P: Elem>(
+    k: &K,
+    p: &mut [P],
+    g: &[P],
+    mut s: Slots<'_, P::Math>,
+    leaf: usize,
+    parallel: bool,
+) {
+    if !parallel || p.len() <= leaf {
+        k.apply(p, g, &mut s);
+        return;
+    }
+    let mid = split_point(p.len());
+    let (pl, pr) = p.split_at_mut(mid);
+    let (gl, gr) = g.split_at(mid);
+    let (sl, sr) = split_slots(s, mid);
+    rayon::join(
+        || apply_rec(k, pl, gl, sl, leaf, parallel),
+        || apply_rec(k, pr, gr, sr, leaf, parallel),
+    );
+}
+
+/// Smallest run summed by one task in a reduction.
+const REDUCE_GRAIN: usize = 1 << 16;
+
+/// Reduces `x` with a fixed split tree that depends only on `x.len()`, so the result is the
+/// same bit for bit whatever the number of threads or the scheduling.
+pub fn par_reduce<T: Sync, R: Send>(
+    x: &[T],
+    leaf: &(impl Fn(&[T]) -> R + Sync),
+    combine: &(impl Fn(R, R) -> R + Sync),
+) -> R {
+    if x.len() <= REDUCE_GRAIN {
+        return leaf(x);
+    }
+    let mid = split_point(x.len());
+    let (a, b) = rayon::join(
+        || par_reduce(&x[..mid], leaf, combine),
+        || par_reduce(&x[mid..], leaf, combine),
+    );
+    combine(a, b)
+}
+
+/// Σx and Σx² in f64, eight independent lanes so the loop vectorizes.
+fn sum_and_sq<P: Elem>(x: &[P]) -> (f64, f64) {
+    let mut s = [0f64; 8];
+    let mut q = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            let v = c[i].load().f64();
+            s[i] += v;
+            q[i] += v * v;
+        }
+    }
+    for (i, v) in tail.iter().enumerate() {
+        let v = v.load().f64();
+        s[i] += v;
+        q[i] += v * v;
+    }
+    (s.iter().sum(), q.iter().sum())
+}
+
+/// Σ(x - mean)² in f64.
+fn centered_sq<P: Elem>(x: &[P], mean: f64) -> f64 {
+    let mut q = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            let d = c[i].load().f64() - mean;
+            q[i] += d * d;
+        }
+    }
+    for (i, v) in tail.iter().enumerate() {
+        let d = v.load().f64() - mean;
+        q[i] += d * d;
+    }
+    q.iter().sum()
+}
+
+fn add2(a: (f64, f64), b: (f64, f64)) -> (f64, f64) {
+    (a.0 + b.0, a.1 + b.1)
+}
+
+/// Statistics of one gradient tensor, accumulated in f64.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradStats {
+    /// Number of elements.
+    pub n: usize,
+    /// Σx².
+    pub sum_sq: f64,
+    /// Σ(x - mean)² from a second pass (two-pass variance); `None` when not asked for.
+    pub centered_sq: Option<f64>,
+}
+
+fn stats_of<P: Elem>(x: &[P], centered: bool) -> GradStats {
+    let (s, q) = par_reduce(x, &sum_and_sq::<P>, &add2);
+    let c = centered.then(|| {
+        let mean = if x.is_empty() {
+            0.0
+        } else {
+            s / x.len() as f64
+        };
+        par_reduce(x, &|c: &[P]| centered_sq(c, mean), &|a, b| a + b)
+    });
+    GradStats {
+        n: x.len(),
+        sum_sq: q,
+        centered_sq: c,
+    }
+}
+
+/// Statistics of a contiguous CPU tensor (Σx², and Σ(x-mean)² if `centered`).
+pub(crate) fn grad_stats(t: &Tensor, centered: bool) -> Result<GradStats> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::Unsupported("expected a CPU tensor".into()));
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        return Err(Error::Unsupported("expected a contiguous tensor".into()));
+    };
+    Ok(match cpu {
+        CpuStorage::F32(v) => stats_of::<f32>(&v[a..b], centered),
+        CpuStorage::F64(v) => stats_of::<f64>(&v[a..b], centered),
+        CpuStorage::BF16(v) => stats_of::<bf16>(&v[a..b], centered),
+        CpuStorage::F16(v) => stats_of::<f16>(&v[a..b], centered),
+        other => {
+            return Err(Error::Unsupported(format!(
+                "gradient dtype {:?} is not supported",
+                other.dtype()
+            )))
+        }
+    })
+}

@@ -1,0 +1,146 @@
+//! The crate's one error type.
+
+use candle_core::{DType, DeviceLocation, Shape};
+
+/// Everything that can go wrong in this crate. Every fallible operation returns this type;
+/// nothing panics on bad input, and a call that fails leaves parameters and optimizer state as
+/// they were.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A hyperparameter is out of its valid range.
+    #[error("invalid hyperparameter {name} = {value}: {reason}")]
+    InvalidHyperparameter {
+        /// The hyperparameter's name (the official one, e.g. `betas[0]`).
+        name: &'static str,
+        /// The offending value.
+        value: f64,
+        /// What the valid range is.
+        reason: &'static str,
+    },
+
+    /// A gradient's shape differs from its parameter's.
+    #[error("gradient of parameter `{param}` has shape {grad:?}, the parameter has {expected:?}")]
+    ShapeMismatch {
+        /// Parameter name.
+        param: String,
+        /// The parameter's shape.
+        expected: Shape,
+        /// The gradient's shape.
+        grad: Shape,
+    },
+
+    /// A gradient's dtype differs from its parameter's.
+    #[error("gradient of parameter `{param}` has dtype {grad:?}, the parameter has {expected:?}")]
+    DTypeMismatch {
+        /// Parameter name.
+        param: String,
+        /// The parameter's dtype.
+        expected: DType,
+        /// The gradient's dtype.
+        grad: DType,
+    },
+
+    /// A gradient lives on another device than its parameter.
+    #[error("gradient of parameter `{param}` is on {grad:?}, the parameter is on {expected:?}")]
+    DeviceMismatch {
+        /// Parameter name.
+        param: String,
+        /// The parameter's device.
+        expected: DeviceLocation,
+        /// The gradient's device.
+        grad: DeviceLocation,
+    },
+
+    /// A gradient shares its storage with a parameter or with optimizer state.
+    #[error("gradient of parameter `{param}` shares storage with {other}")]
+    Aliasing {
+        /// Parameter name.
+        param: String,
+        /// What it aliases.
+        other: String,
+    },
+
+    /// A dtype this crate cannot optimize.
+    #[error("parameter `{param}` has dtype {dtype:?}; supported are f32, f64, bf16 and f16")]
+    UnsupportedDType {
+        /// Parameter name.
+        param: String,
+        /// Its dtype.
+        dtype: DType,
+    },
+
+    /// A parameter tensor that is not laid out contiguously.
+    #[error("parameter `{param}` is not contiguous")]
+    NonContiguous {
+        /// Parameter name.
+        param: String,
+    },
+
+    /// A name or pattern in a parameter-group specification matches no parameter.
+    #[error("no parameter matches `{0}`")]
+    UnknownParameter(String),
+
+    /// The same parameter (or two parameters with the same name) was given twice.
+    #[error("parameter `{0}` appears twice")]
+    DuplicateParameter(String),
+
+    /// A gradient holds NaN or infinity and the non-finite policy is `Error`.
+    #[error("non-finite gradient in parameter `{param}`")]
+    NonFiniteGradient {
+        /// The first parameter found with a non-finite gradient.
+        param: String,
+    },
+
+    /// The operation does not apply in this state or to this algorithm.
+    #[error("{0}")]
+    Unsupported(String),
+
+    /// A checkpoint could not be read or does not fit this optimizer.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+
+    /// An error from candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// An I/O error (checkpoint files).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Shorthand for [`Error::InvalidHyperparameter`].
+    pub(crate) fn hyper(name: &'static str, value: f64, reason: &'static str) -> Self {
+        Error::InvalidHyperparameter {
+            name,
+            value,
+            reason,
+        }
+    }
+}
+
+/// Checks that `value` lies in `[lo, hi)`; NaN fails.
+pub(crate) fn check_range(name: &'static str, value: f64, lo: f64, hi: f64) -> Result<()> {
+    if value >= lo && value < hi {
+        Ok(())
+    } else {
+        Err(Error::hyper(name, value, range_reason(lo, hi)))
+    }
+}
+
+fn range_reason(lo: f64, hi: f64) -> &'static str {
+    match (lo == 0.0, hi.is_infinite(), hi == 1.0) {
+        (true, true, _) => "must be finite and >= 0",
+        (true, false, true) => "must lie in [0, 1)",
+        _ => "out of range",
+    }
+}
+
+/// Checks that `value` is finite and `>= 0`.
+pub(crate) fn check_nonneg(name: &'static str, value: f64) -> Result<()> {
+    check_range(name, value, 0.0, f64::INFINITY)
+}

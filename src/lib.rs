@@ -1,0 +1,50 @@
+//! # candle-optim
+//!
+//! Fast, exact deep-learning optimizers for [candle](https://github.com/huggingface/candle):
+//! SGD-SaI and AdamW (more to come), each exactly as its authors' code defines it, each step one
+//! fused, multi-threaded pass over parameters, gradients and state.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{Module, VarBuilder, VarMap};
+//! use candle_optim::{SgdSai, SgdSaiConfig};
+//!
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let model = candle_nn::linear(2, 1, vb.pp("fc"))?;
+//! let mut opt = SgdSai::from_varmap(&varmap, SgdSaiConfig { lr: 1e-3, ..Default::default() })?;
+//! let x = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu)?;
+//! let loss = model.forward(&x)?.sqr()?.mean_all()?;
+//! let report = opt.backward_step(&loss)?;
+//! assert!(report.taken);
+//! # Ok::<(), candle_optim::Error>(())
+//! ```
+//!
+//! Every optimizer is the shared driver [`Optim`] around one [`Algorithm`]; the aliases
+//! ([`AdamW`], [`SgdSai`]) name them. They implement this crate's [`Optimizer`] trait and
+//! `candle_nn::optim::Optimizer`, so code written for candle-nn's AdamW switches with one line.
+
+#![warn(missing_docs)]
+
+pub mod algorithm;
+pub mod algorithms;
+pub mod backend;
+pub mod elem;
+mod error;
+pub mod groups;
+mod optimizer;
+pub mod reduce;
+mod registry;
+
+pub use algorithm::{Algorithm, Kernel};
+pub use algorithms::adamw::AdamWConfig;
+pub use algorithms::sgd_sai::{GsnrMode, SgdSaiConfig};
+pub use error::{Error, Result};
+pub use groups::{is_bias_or_norm, OptimBuilder};
+pub use optimizer::{NonFinitePolicy, Optim, Optimizer, ParamState, SkipReason, StepReport};
+pub use registry::Algo;
+
+/// AdamW (decoupled weight decay, amsgrad, maximize), as `torch.optim.AdamW`.
+pub type AdamW = Optim<AdamWConfig>;
+/// SGD-SaI: SGD with EMA momentum and a per-tensor learning-rate scale fixed at step 1.
+pub type SgdSai = Optim<SgdSaiConfig>;

@@ -1,0 +1,355 @@
+//! Replays the golden traces recorded from the official implementations
+//! (`tests/data/conformance/`, plus every `.safetensors` in `$CANDLE_OPTIM_TRACES` if set) and
+//! checks every step against the per-case tolerance of the trace format
+//! (`|x − ref| ≤ rtol·(|ref| + S_i)`, g-SNR within `gsnr_rtol`).
+//!
+//! Prints one line per case and a summary line; fails if any case fails.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use candle_optim::Algo;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+enum Outcome {
+    Passed(f64),
+    Failed {
+        step: usize,
+        param: usize,
+        err: f64,
+        what: String,
+    },
+    Skipped(String),
+}
+
+fn main() {
+    let mut files: Vec<PathBuf> = Vec::new();
+    let builtin = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/conformance");
+    let mut dirs = vec![builtin];
+    if let Ok(extra) = std::env::var("CANDLE_OPTIM_TRACES") {
+        if !extra.is_empty() {
+            dirs.push(PathBuf::from(extra));
+        }
+    }
+    for dir in &dirs {
+        let mut here: Vec<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect(),
+            Err(e) => {
+                eprintln!("cannot read trace directory {}: {e}", dir.display());
+                std::process::exit(1);
+            }
+        };
+        here.sort();
+        files.extend(here);
+    }
+
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    for file in &files {
+        let fallback = file
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let (name, outcome) = match run_case(file) {
+            Ok((name, o)) => (name, o),
+            Err(e) => (
+                fallback,
+                Outcome::Failed {
+                    step: 0,
+                    param: 0,
+                    err: f64::INFINITY,
+                    what: format!("could not run: {e}"),
+                },
+            ),
+        };
+        match outcome {
+            Outcome::Passed(w) => {
+                passed += 1;
+                println!("case {name}: passed (worst error {w:.3} of tolerance)");
+            }
+            Outcome::Failed {
+                step,
+                param,
+                err,
+                what,
+            } => {
+                failed += 1;
+                let what = if what.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {what}")
+                };
+                println!("case {name}: FAILED at step {step}, param {param} (error {err:.3} of tolerance{what})");
+            }
+            Outcome::Skipped(why) => {
+                skipped += 1;
+                println!("case {name}: skipped ({why})");
+            }
+        }
+    }
+    println!("conformance: {passed} passed, {failed} failed, {skipped} skipped");
+    if failed > 0 || passed + failed + skipped == 0 {
+        std::process::exit(1);
+    }
+}
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn to_vec(t: &Tensor) -> Res<Vec<f32>> {
+    Ok(t.flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?)
+}
+
+/// `[r, c]` view of a parameter for the closed-loop losses.
+fn matrix_view(shape: &[usize]) -> (usize, usize) {
+    let n: usize = shape.iter().product();
+    if shape.len() >= 2 {
+        (shape[0], n / shape[0])
+    } else {
+        (1, n)
+    }
+}
+
+/// Row-major `[r, k] = [r, c] × [c, k]`, accumulated in f64, rounded to f32.
+fn matmul(a: &[f32], b: &[f32], r: usize, c: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; r * k];
+    for i in 0..r {
+        for j in 0..k {
+            let mut s = 0f64;
+            for l in 0..c {
+                s += a[i * c + l] as f64 * b[l * k + j] as f64;
+            }
+            out[i * k + j] = s as f32;
+        }
+    }
+    out
+}
+
+fn transpose(a: &[f32], r: usize, c: usize) -> Vec<f32> {
+    let mut out = vec![0f32; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            out[j * r + i] = a[i * c + j];
+        }
+    }
+    out
+}
+
+fn norm(x: &[f32]) -> f32 {
+    x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt() as f32
+}
+
+/// The closed-loop gradient of one parameter's loss term at the current parameter `m`.
+fn closed_grad(
+    kind: &str,
+    m: &[f32],
+    shape: &[usize],
+    t: &HashMap<String, Tensor>,
+    key: &str,
+) -> Res<Vec<f32>> {
+    let (r, c) = matrix_view(shape);
+    match kind {
+        "quadratic" => {
+            let a_t = &t[&format!("loss.{key}.A")];
+            let k = a_t.dims()[1];
+            let a = to_vec(a_t)?;
+            let b = to_vec(&t[&format!("loss.{key}.B")])?;
+            let mut res = matmul(m, &a, r, c, k);
+            for (x, y) in res.iter_mut().zip(&b) {
+                *x -= y;
+            }
+            Ok(matmul(&res, &transpose(&a, c, k), r, k, c))
+        }
+        "scale_invariant_layer" | "scale_invariant_channel" => {
+            let x_t = &t[&format!("loss.{key}.X")];
+            let k = x_t.dims()[1];
+            let x = to_vec(x_t)?;
+            let xt = transpose(&x, c, k);
+            // The layer view is one row of length r·c only in the norms; Y = M X row by row.
+            let y = matmul(m, &x, r, c, k);
+            let yxt = matmul(&y, &xt, r, k, c);
+            let mut g = vec![0f32; r * c];
+            if kind == "scale_invariant_layer" {
+                let (ny, nm) = (norm(&y), norm(m));
+                for i in 0..r * c {
+                    g[i] = yxt[i] / (ny * nm) - (ny / (nm * nm * nm)) * m[i];
+                }
+            } else {
+                for row in 0..r {
+                    let ny = norm(&y[row * k..(row + 1) * k]);
+                    let mr = &m[row * c..(row + 1) * c];
+                    let nm = norm(mr);
+                    for j in 0..c {
+                        let i = row * c + j;
+                        g[i] = yxt[i] / (ny * nm) - (ny / (nm * nm * nm)) * m[i];
+                    }
+                }
+            }
+            Ok(g)
+        }
+        other => Err(format!("unknown closed-loop term kind {other}").into()),
+    }
+}
+
+fn run_case(file: &Path) -> Res<(String, Outcome)> {
+    let bytes = std::fs::read(file)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let meta: Value = serde_json::from_str(
+        header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("case"))
+            .ok_or("no `case` metadata")?,
+    )?;
+    let name = meta["name"].as_str().unwrap_or("?").to_string();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+    let opt_name = meta["optimizer"].as_str().ok_or("no optimizer")?;
+    let Some(algo) = Algo::from_name(opt_name) else {
+        return Ok((
+            name,
+            Outcome::Skipped(format!("optimizer {opt_name} is not implemented")),
+        ));
+    };
+    let steps = meta["steps"].as_u64().ok_or("no steps")? as usize;
+    let params = meta["params"].as_array().ok_or("no params")?;
+    let tol = &meta["tolerance"];
+    let rtol = tol["rtol"].as_f64().ok_or("no rtol")?;
+    let gsnr_rtol = tol["gsnr_rtol"].as_f64().unwrap_or(1e-5);
+    let scales: Vec<f64> = tol["trajectory_scale"]
+        .as_array()
+        .ok_or("no trajectory_scale")?
+        .iter()
+        .map(|v| v.as_f64().unwrap_or(0.0))
+        .collect();
+    let closed = meta["loop"].as_str() == Some("closed");
+    let restarts: Vec<u64> = meta["restart_after_steps"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default();
+    let terms: HashMap<String, String> = meta["loop_detail"]["terms"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|t| {
+                    (
+                        t["param"].as_str().unwrap_or("").to_string(),
+                        t["kind"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+
+    let mut vars = Vec::new();
+    let mut shapes = Vec::new();
+    for (i, p) in params.iter().enumerate() {
+        let key = p["key"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or(format!("p{i}"));
+        let init = &tensors[&format!("{key}.init")];
+        shapes.push(init.dims().to_vec());
+        vars.push((key, Var::from_tensor(&init.copy()?)?));
+    }
+    let mut opt = algo.build_json(vars.clone(), &meta["hyperparameters"])?;
+
+    let mut worst = 0f64;
+    for t in 1..=steps {
+        let mut grads = GradStore::default();
+        for (i, (key, var)) in vars.iter().enumerate() {
+            let g = if closed {
+                let kind = terms.get(key).ok_or("no loss term")?;
+                let m = to_vec(var.as_tensor())?;
+                let g = closed_grad(kind, &m, &shapes[i], &tensors, key)?;
+                Tensor::from_vec(g, shapes[i].as_slice(), &Device::Cpu)?
+            } else {
+                tensors[&format!("{key}.grad.{t}")].copy()?
+            };
+            grads.insert(var.as_tensor(), g);
+        }
+        opt.step(&grads)?;
+        for (i, (key, var)) in vars.iter().enumerate() {
+            let x = to_vec(var.as_tensor())?;
+            let r = to_vec(&tensors[&format!("{key}.step.{t}")])?;
+            let mut err = 0f64;
+            for (a, b) in x.iter().zip(&r) {
+                let e = (*a as f64 - *b as f64).abs() / (rtol * ((*b as f64).abs() + scales[i]));
+                err = if e.is_nan() {
+                    f64::INFINITY
+                } else {
+                    err.max(e)
+                };
+            }
+            worst = worst.max(err);
+            if err > 1.0 {
+                return Ok((
+                    name,
+                    Outcome::Failed {
+                        step: t,
+                        param: i,
+                        err,
+                        what: String::new(),
+                    },
+                ));
+            }
+        }
+        if restarts.contains(&(t as u64)) {
+            opt.reset_state()?;
+        }
+        if t == 1 && opt_name == "sgd_sai" {
+            for (i, (key, _)) in vars.iter().enumerate() {
+                let want = to_vec(&tensors[&format!("{key}.gsnr")])?[0] as f64;
+                let got = opt
+                    .param_state(key)
+                    .and_then(|s| {
+                        s.scalars
+                            .iter()
+                            .find(|(n, _)| *n == "gsnr")
+                            .map(|(_, v)| *v)
+                    })
+                    .ok_or("no g-SNR reported")?;
+                let err = (got - want).abs() / (gsnr_rtol * want.abs());
+                if !(err <= 1.0) && got != want {
+                    return Ok((
+                        name,
+                        Outcome::Failed {
+                            step: 1,
+                            param: i,
+                            err,
+                            what: "g-SNR".into(),
+                        },
+                    ));
+                }
+                worst = worst.max(if got == want { 0.0 } else { err });
+            }
+            if let Some(want) = tensors.get("gsnr_max") {
+                let want = to_vec(want)?[0] as f64;
+                let got = opt
+                    .global_scalars()
+                    .iter()
+                    .find(|(n, _)| *n == "gsnr_max")
+                    .map(|(_, v)| *v)
+                    .ok_or("no g-SNR maximum reported")?;
+                let err = (got - want).abs() / (gsnr_rtol * want.abs());
+                if !(err <= 1.0) && got != want {
+                    return Ok((
+                        name,
+                        Outcome::Failed {
+                            step: 1,
+                            param: 0,
+                            err,
+                            what: "g-SNR maximum".into(),
+                        },
+                    ));
+                }
+                worst = worst.max(if got == want { 0.0 } else { err });
+            }
+        }
+    }
+    Ok((name, Outcome::Passed(worst)))
+}
