@@ -1,7 +1,7 @@
 //! # candle-optim
 //!
 //! Fast, exact deep-learning optimizers for [candle](https://github.com/huggingface/candle):
-//! SGD-SaI and AdamW (more to come), each exactly as its authors' code defines it, each step one
+//! SGD-SaI, AdamW, AdamP, AdaBelief, diffGrad, Adan and Lion, each exactly as its authors' code defines it, each step one
 //! fused, multi-threaded pass over parameters, gradients and state.
 //!
 //! ```
@@ -21,7 +21,8 @@
 //! ```
 //!
 //! Every optimizer is the shared driver [`Optim`] around one [`Algorithm`]; the aliases
-//! ([`AdamW`], [`SgdSai`]) name them. They implement this crate's [`Optimizer`] trait and
+//! ([`SgdSai`], [`AdamW`], [`AdamP`], [`AdaBelief`], [`DiffGrad`], [`Adan`], [`Lion`]) name
+//! them. They implement this crate's [`Optimizer`] trait and
 //! `candle_nn::optim::Optimizer`, so code written for candle-nn's AdamW switches with one line.
 
 #![warn(missing_docs)]
@@ -37,7 +38,12 @@ pub mod reduce;
 mod registry;
 
 pub use algorithm::{Algorithm, Kernel};
+pub use algorithms::adabelief::AdaBeliefConfig;
+pub use algorithms::adamp::AdamPConfig;
 pub use algorithms::adamw::AdamWConfig;
+pub use algorithms::adan::AdanConfig;
+pub use algorithms::diffgrad::DiffGradConfig;
+pub use algorithms::lion::LionConfig;
 pub use algorithms::sgd_sai::{GsnrMode, SgdSaiConfig};
 pub use error::{Error, Result};
 pub use groups::{is_bias_or_norm, OptimBuilder};
@@ -48,3 +54,13 @@ pub use registry::Algo;
 pub type AdamW = Optim<AdamWConfig>;
 /// SGD-SaI: SGD with EMA momentum and a per-tensor learning-rate scale fixed at step 1.
 pub type SgdSai = Optim<SgdSaiConfig>;
+/// AdamP: Adam with the step projected off scale-invariant weights.
+pub type AdamP = Optim<AdamPConfig>;
+/// AdaBelief: Adam on the variance of the gradient around its EMA, RAdam-rectified.
+pub type AdaBelief = Optim<AdaBeliefConfig>;
+/// diffGrad: Adam with a friction coefficient from the change of the gradient.
+pub type DiffGrad = Optim<DiffGradConfig>;
+/// Adan: adaptive Nesterov momentum (code-convention betas, proximal decay, global clipping).
+pub type Adan = Optim<AdanConfig>;
+/// Lion: sign of an interpolated momentum, decoupled decay.
+pub type Lion = Optim<LionConfig>;

@@ -1,7 +1,10 @@
 //! The table of algorithms: pick one by name at run time.
 
 use crate::algorithm::Algorithm;
-use crate::algorithms::{adamw::AdamWConfig, sgd_sai::SgdSaiConfig};
+use crate::algorithms::{
+    adabelief::AdaBeliefConfig, adamp::AdamPConfig, adamw::AdamWConfig, adan::AdanConfig,
+    diffgrad::DiffGradConfig, lion::LionConfig, sgd_sai::SgdSaiConfig,
+};
 use crate::error::{Error, Result};
 use crate::groups::OptimBuilder;
 use crate::optimizer::Optimizer;
@@ -14,18 +17,51 @@ pub enum Algo {
     SgdSai,
     /// [`crate::AdamW`].
     AdamW,
+    /// [`crate::AdamP`].
+    AdamP,
+    /// [`crate::AdaBelief`].
+    AdaBelief,
+    /// [`crate::DiffGrad`].
+    DiffGrad,
+    /// [`crate::Adan`].
+    Adan,
+    /// [`crate::Lion`].
+    Lion,
+}
+
+/// Calls `$f::<Config>($args)` for the algorithm `$algo`.
+macro_rules! dispatch {
+    ($algo:expr, $f:ident ( $($arg:expr),* )) => {
+        match $algo {
+            Algo::SgdSai => $f::<SgdSaiConfig>($($arg),*),
+            Algo::AdamW => $f::<AdamWConfig>($($arg),*),
+            Algo::AdamP => $f::<AdamPConfig>($($arg),*),
+            Algo::AdaBelief => $f::<AdaBeliefConfig>($($arg),*),
+            Algo::DiffGrad => $f::<DiffGradConfig>($($arg),*),
+            Algo::Adan => $f::<AdanConfig>($($arg),*),
+            Algo::Lion => $f::<LionConfig>($($arg),*),
+        }
+    };
 }
 
 impl Algo {
     /// All algorithms, in the crate's canonical order.
-    pub const ALL: &'static [Algo] = &[Algo::SgdSai, Algo::AdamW];
+    pub const ALL: &'static [Algo] = &[
+        Algo::SgdSai,
+        Algo::AdamW,
+        Algo::AdamP,
+        Algo::AdaBelief,
+        Algo::DiffGrad,
+        Algo::Adan,
+        Algo::Lion,
+    ];
 
     /// The short name used in checkpoints, traces and command lines (`"sgd_sai"`).
     pub fn name(self) -> &'static str {
-        match self {
-            Algo::SgdSai => SgdSaiConfig::NAME,
-            Algo::AdamW => AdamWConfig::NAME,
+        fn name<A: Algorithm>() -> &'static str {
+            A::NAME
         }
+        dispatch!(self, name())
     }
 
     /// The algorithm called `name` (also accepts `-` for `_` and any letter case).
@@ -36,14 +72,18 @@ impl Algo {
 
     /// The official default learning rate.
     pub fn default_lr(self) -> f64 {
-        self.with(|a| a.lr())
+        fn lr<A: Algorithm>() -> f64 {
+            A::default().lr()
+        }
+        dispatch!(self, lr())
     }
 
-    fn with<R>(self, f: impl FnOnce(&dyn AlgoInfo) -> R) -> R {
-        match self {
-            Algo::SgdSai => f(&SgdSaiConfig::default()),
-            Algo::AdamW => f(&AdamWConfig::default()),
+    /// State bytes per element for f32 parameters under the default configuration.
+    pub fn default_state_bytes_per_element(self) -> usize {
+        fn bytes<A: Algorithm>() -> usize {
+            A::default().slots().len() * 4
         }
+        dispatch!(self, bytes())
     }
 
     /// Builds a one-group optimizer over `vars` from hyperparameters given as JSON with the
@@ -65,20 +105,7 @@ impl Algo {
                 OptimBuilder::new(config).named_vars(vars).build()?,
             ))
         }
-        match self {
-            Algo::SgdSai => go::<SgdSaiConfig>(vars, hyperparameters),
-            Algo::AdamW => go::<AdamWConfig>(vars, hyperparameters),
-        }
-    }
-}
-
-trait AlgoInfo {
-    fn lr(&self) -> f64;
-}
-
-impl<A: Algorithm> AlgoInfo for A {
-    fn lr(&self) -> f64 {
-        Algorithm::lr(self)
+        dispatch!(self, go(vars, hyperparameters))
     }
 }
 

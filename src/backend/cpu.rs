@@ -145,7 +145,7 @@ fn contig<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
 }
 
 /// The split point of a run of `n` elements: about half, rounded to [`ALIGN`].
-fn split_point(n: usize) -> usize {
+pub(crate) fn split_point(n: usize) -> usize {
     ((n / 2) + ALIGN - 1) / ALIGN * ALIGN
 }
 
@@ -163,10 +163,19 @@ fn split_slots<'a, F>(s: Slots<'a, F>, mid: usize) -> (Slots<'a, F>, Slots<'a, F
 /// Applies `k` to a whole tensor, split into runs of at least [`GRAIN`] elements over the
 /// current rayon pool (run inline when the pool has one thread).
 pub fn par_apply<K: Kernel, P: Elem>(k: &K, p: &mut [P], g: &[P], s: Slots<'_, P::Math>) {
+    apply_rec(k, p, g, s, leaf_len(p.len()));
+}
+
+/// The run length below which an element-wise pass over `n` elements is not split further:
+/// a few leaves per thread balance the load, more only add joins; no split on one thread.
+/// (Element-wise results do not depend on it; reductions use a fixed tree instead.)
+pub(crate) fn leaf_len(n: usize) -> usize {
     let threads = rayon::current_num_threads();
-    // A few leaves per thread balance the load; more only add joins.
-    let leaf = GRAIN.max(p.len() / (threads * 4).max(1));
-    apply_rec(k, p, g, s, leaf, threads > 1);
+    if threads <= 1 {
+        usize::MAX
+    } else {
+        GRAIN.max(n / (threads * 4))
+    }
 }
 
 fn apply_rec<K: Kernel, P: Elem>(
@@ -175,9 +184,8 @@ fn apply_rec<K: Kernel, P: Elem>(
     g: &[P],
     mut s: Slots<'_, P::Math>,
     leaf: usize,
-    parallel: bool,
 ) {
-    if !parallel || p.len() <= leaf {
+    if p.len() <= leaf {
         k.apply(p, g, &mut s);
         return;
     }
@@ -186,13 +194,13 @@ fn apply_rec<K: Kernel, P: Elem>(
     let (gl, gr) = g.split_at(mid);
     let (sl, sr) = split_slots(s, mid);
     rayon::join(
-        || apply_rec(k, pl, gl, sl, leaf, parallel),
-        || apply_rec(k, pr, gr, sr, leaf, parallel),
+        || apply_rec(k, pl, gl, sl, leaf),
+        || apply_rec(k, pr, gr, sr, leaf),
     );
 }
 
-/// Smallest run summed by one task in a reduction.
-const REDUCE_GRAIN: usize = 1 << 16;
+/// Smallest run summed by one task in a reduction (fixed, so sums do not depend on threads).
+pub(crate) const REDUCE_GRAIN: usize = 1 << 16;
 
 /// Reduces `x` with a fixed split tree that depends only on `x.len()`, so the result is the
 /// same bit for bit whatever the number of threads or the scheduling.

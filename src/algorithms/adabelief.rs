@@ -1,0 +1,221 @@
+//! AdaBelief (Zhuang et al., NeurIPS 2020), exactly as the authors' `adabelief-pytorch` 0.2.1.
+//! Spec: ALGORITHMS.md §4.
+//!
+//! As in the official code, eps is added to the stored variance `s` every step (and again
+//! outside the square root), the rectified (RAdam) branch uses `s` and not the amsgrad maximum,
+//! and all rectification scalars (ρ_t, the factor k) are computed in f64. The official code's
+//! optimizer-wide switches (`weight_decouple`, `fixed_decay`, `rectify`, `degenerated_to_sgd`)
+//! are per group here. The user's gradient is never modified (the L2 term is applied inside).
+
+use crate::algorithm::{Algorithm, Kernel, ParamMeta};
+use crate::elem::{Elem, Real};
+use crate::error::{check_nonneg, check_range, Result};
+use serde::{Deserialize, Serialize};
+
+/// AdaBelief hyperparameters (one parameter group). Defaults are the authors' (0.2.1).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AdaBeliefConfig {
+    /// Learning rate (1e-3).
+    pub lr: f64,
+    /// (β1, β2) = (0.9, 0.999).
+    pub betas: (f64, f64),
+    /// Added to s every step and to the denominator (1e-16).
+    pub eps: f64,
+    /// Weight decay coefficient (0).
+    pub weight_decay: f64,
+    /// Keep the running maximum of s (12 bytes of state per element instead of 8).
+    pub amsgrad: bool,
+    /// Decoupled decay p ← p·(1 − lr·λ) (true); false: coupled L2 g ← g + λ·p.
+    pub weight_decouple: bool,
+    /// With `weight_decouple`: p ← p·(1 − λ), independent of lr (false).
+    pub fixed_decay: bool,
+    /// RAdam rectification (true).
+    pub rectify: bool,
+    /// With `rectify`: while ρ_t < 5, take bias-corrected momentum SGD steps (true) instead
+    /// of no step.
+    pub degenerated_to_sgd: bool,
+}
+
+impl Default for AdaBeliefConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-16,
+            weight_decay: 0.0,
+            amsgrad: false,
+            weight_decouple: true,
+            fixed_decay: false,
+            rectify: true,
+            degenerated_to_sgd: true,
+        }
+    }
+}
+
+/// How this step moves the parameter.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    /// `p -= step · m/denom` (not rectified), `denom = √s/√bc2 + eps` (ŝ with amsgrad).
+    Adam,
+    /// `p -= step · m/(√s + eps)` (rectified, ρ_t ≥ 5).
+    Rectified,
+    /// `p -= step · m` (ρ_t < 5, degenerated to SGD).
+    Sgd,
+    /// No step (ρ_t < 5 without degeneration).
+    None,
+}
+
+/// AdaBelief's step scalars.
+#[derive(Clone, Copy, Debug)]
+pub struct AdaBeliefKernel {
+    decay: f64,
+    l2: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    bc2_sqrt: f64,
+    step: f64,
+    mode: Mode,
+    grad_scale: f64,
+}
+
+impl Kernel for AdaBeliefKernel {
+    #[inline]
+    fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
+        let of = <P::Math as Real>::of;
+        let (decay, l2, gs, eps) = (
+            of(self.decay),
+            of(self.l2),
+            of(self.grad_scale),
+            of(self.eps),
+        );
+        let (b1, one_b1) = (of(self.beta1), of(1.0 - self.beta1));
+        let (b2, one_b2) = (of(self.beta2), of(1.0 - self.beta2));
+        let (bc2s, neg_step) = (of(self.bc2_sqrt), of(-self.step));
+        let coupled = self.l2 != 0.0;
+        let mode = self.mode;
+        let n = p.len();
+        let g = &g[..n];
+        let (m, var, mut vmax) = match s {
+            [m, v] => (&mut m[..n], &mut v[..n], None),
+            [m, v, vm] => (&mut m[..n], &mut v[..n], Some(&mut vm[..n])),
+            _ => unreachable!("AdaBelief has 2 state slots, 3 with amsgrad"),
+        };
+        for i in 0..n {
+            let p0 = p[i].load();
+            let pi = p0 * decay;
+            let mut gi = g[i].load() * gs;
+            if coupled {
+                gi = gi + l2 * p0;
+            }
+            let mi = m[i] * b1 + one_b1 * gi;
+            let r = gi - mi;
+            let si = (var[i] * b2 + one_b2 * r * r) + eps;
+            m[i] = mi;
+            var[i] = si;
+            let upd = match mode {
+                Mode::Adam => {
+                    let v = match vmax.as_deref_mut() {
+                        Some(vm) => {
+                            let x = vm[i].max_nan(si);
+                            vm[i] = x;
+                            x
+                        }
+                        None => si,
+                    };
+                    neg_step * (mi / (v.sqrt() / bc2s + eps))
+                }
+                Mode::Rectified | Mode::Sgd | Mode::None => {
+                    if let Some(vm) = vmax.as_deref_mut() {
+                        vm[i] = vm[i].max_nan(si);
+                    }
+                    match mode {
+                        Mode::Rectified => neg_step * (mi / (si.sqrt() + eps)),
+                        Mode::Sgd => neg_step * mi,
+                        _ => <P::Math as Real>::ZERO,
+                    }
+                }
+            };
+            p[i] = P::store(if mode == Mode::None { pi } else { pi + upd });
+        }
+    }
+}
+
+impl Algorithm for AdaBeliefConfig {
+    const NAME: &'static str = "adabelief";
+    type Kernel = AdaBeliefKernel;
+    type ParamExtra = ();
+    type Global = ();
+
+    fn validate(&self) -> Result<()> {
+        check_nonneg("lr", self.lr)?;
+        check_range("betas[0]", self.betas.0, 0.0, 1.0)?;
+        check_range("betas[1]", self.betas.1, 0.0, 1.0)?;
+        check_nonneg("eps", self.eps)?;
+        check_nonneg("weight_decay", self.weight_decay)
+    }
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+    fn weight_decay(&self) -> f64 {
+        self.weight_decay
+    }
+    fn set_weight_decay(&mut self, wd: f64) {
+        self.weight_decay = wd;
+    }
+    fn slots(&self) -> &'static [&'static str] {
+        if self.amsgrad {
+            &["exp_avg", "exp_avg_var", "max_exp_avg_var"]
+        } else {
+            &["exp_avg", "exp_avg_var"]
+        }
+    }
+
+    fn kernel(&self, meta: &ParamMeta<'_>, _: &(), _: &(), grad_scale: f64) -> AdaBeliefKernel {
+        let (b1, b2) = self.betas;
+        let t = meta.t as f64;
+        let bc1 = 1.0 - b1.powf(t);
+        let bc2 = 1.0 - b2.powf(t);
+        let (decay, l2) = match (self.weight_decouple, self.fixed_decay) {
+            (true, false) => (1.0 - self.lr * self.weight_decay, 0.0),
+            (true, true) => (1.0 - self.weight_decay, 0.0),
+            (false, _) => (1.0, self.weight_decay),
+        };
+        let (mode, step) = if !self.rectify {
+            (Mode::Adam, self.lr / bc1)
+        } else {
+            // RAdam's ρ_t and k, in f64, evaluated in the reference's order.
+            let beta2_t = b2.powf(t);
+            let n_sma_max = 2.0 / (1.0 - b2) - 1.0;
+            let n_sma = n_sma_max - 2.0 * t * beta2_t / (1.0 - beta2_t);
+            if n_sma >= 5.0 {
+                let k = ((1.0 - beta2_t) * (n_sma - 4.0) / (n_sma_max - 4.0) * (n_sma - 2.0)
+                    / n_sma
+                    * n_sma_max
+                    / (n_sma_max - 2.0))
+                    .sqrt()
+                    / (1.0 - b1.powf(t));
+                (Mode::Rectified, k * self.lr)
+            } else if self.degenerated_to_sgd {
+                (Mode::Sgd, 1.0 / (1.0 - b1.powf(t)) * self.lr)
+            } else {
+                (Mode::None, 0.0)
+            }
+        };
+        AdaBeliefKernel {
+            decay,
+            l2,
+            beta1: b1,
+            beta2: b2,
+            eps: self.eps,
+            bc2_sqrt: bc2.sqrt(),
+            step,
+            mode,
+            grad_scale,
+        }
+    }
+}
