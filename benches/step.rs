@@ -1,1 +1,110 @@
-fn main() {}
+//! One optimizer step on the GPT-2-small parameter shapes (124,439,808 f32 parameters): every
+//! algorithm's fused step, and `candle_nn::optim::AdamW` on the same shapes.
+//!
+//! Each benchmark's throughput is the bytes the algorithm must move per step (ALGORITHMS.md
+//! traffic table × parameters), so criterion's GiB/s figures compare directly: an optimizer on
+//! the fused path reaches about the same GiB/s as AdamW.
+//!
+//! ```text
+//! cargo bench --bench step
+//! ```
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use candle_optim::{Algo, NonFinitePolicy};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::time::Duration;
+
+/// GPT-2 small: wte, wpe, 12 × (ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj), ln_f.
+fn gpt2_small_shapes() -> Vec<(String, Vec<usize>)> {
+    let mut s = vec![
+        ("wte".to_string(), vec![50257, 768]),
+        ("wpe".to_string(), vec![1024, 768]),
+    ];
+    for l in 0..12 {
+        let h = format!("h.{l}");
+        s.push((format!("{h}.ln_1.weight"), vec![768]));
+        s.push((format!("{h}.ln_1.bias"), vec![768]));
+        s.push((format!("{h}.attn.c_attn.weight"), vec![768, 2304]));
+        s.push((format!("{h}.attn.c_attn.bias"), vec![2304]));
+        s.push((format!("{h}.attn.c_proj.weight"), vec![768, 768]));
+        s.push((format!("{h}.attn.c_proj.bias"), vec![768]));
+        s.push((format!("{h}.ln_2.weight"), vec![768]));
+        s.push((format!("{h}.ln_2.bias"), vec![768]));
+        s.push((format!("{h}.mlp.c_fc.weight"), vec![768, 3072]));
+        s.push((format!("{h}.mlp.c_fc.bias"), vec![3072]));
+        s.push((format!("{h}.mlp.c_proj.weight"), vec![3072, 768]));
+        s.push((format!("{h}.mlp.c_proj.bias"), vec![768]));
+    }
+    s.push(("ln_f.weight".to_string(), vec![768]));
+    s.push(("ln_f.bias".to_string(), vec![768]));
+    s
+}
+
+/// Bytes one fused f32 step must move per element (ALGORITHMS.md §8); AdamP's rank ≥ 2
+/// tensors take a second pass (40 B), its vectors 28 B.
+fn bytes_per_step(algo: Algo, shapes: &[(String, Vec<usize>)]) -> u64 {
+    shapes
+        .iter()
+        .map(|(_, s)| {
+            let n: usize = s.iter().product();
+            let b = match algo {
+                Algo::SgdSai | Algo::Lion => 20,
+                Algo::AdamW | Algo::AdaBelief => 28,
+                Algo::AdamP if s.len() >= 2 => 40,
+                Algo::AdamP => 28,
+                Algo::DiffGrad => 36,
+                Algo::Adan => 44,
+            };
+            (n * b) as u64
+        })
+        .sum()
+}
+
+struct Model {
+    vars: Vec<(String, Var)>,
+    grads: GradStore,
+}
+
+fn model(shapes: &[(String, Vec<usize>)]) -> Model {
+    let dev = Device::Cpu;
+    let mut grads = GradStore::default();
+    let vars = shapes
+        .iter()
+        .map(|(n, s)| {
+            let v = Var::from_tensor(&Tensor::randn(0f32, 0.02, s.as_slice(), &dev).unwrap()).unwrap();
+            grads.insert(v.as_tensor(), Tensor::randn(0f32, 1e-3, s.as_slice(), &dev).unwrap());
+            (n.clone(), v)
+        })
+        .collect();
+    Model { vars, grads }
+}
+
+fn bench(c: &mut Criterion) {
+    let shapes = gpt2_small_shapes();
+    let n: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    assert_eq!(n, 124_439_808);
+    let m = model(&shapes);
+    let mut group = c.benchmark_group("gpt2_small_step");
+    group.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(8));
+    for &algo in Algo::ALL {
+        let mut opt = algo.build_json(m.vars.clone(), &serde_json::json!({"lr": 1e-4})).unwrap();
+        opt.set_non_finite_policy(NonFinitePolicy::Propagate);
+        group.throughput(Throughput::Bytes(bytes_per_step(algo, &shapes)));
+        group.bench_function(format!("{}_fused", algo.name()), |b| b.iter(|| opt.step(&m.grads).unwrap()));
+    }
+    // The default non-finite policy (SkipStep) adds one read pass over the gradients.
+    let mut opt = Algo::AdamW.build_json(m.vars.clone(), &serde_json::json!({"lr": 1e-4})).unwrap();
+    group.throughput(Throughput::Bytes(bytes_per_step(Algo::AdamW, &shapes)));
+    group.bench_function("adamw_fused_skip_nonfinite", |b| b.iter(|| opt.step(&m.grads).unwrap()));
+
+    use candle_nn::optim::Optimizer as _;
+    let vars: Vec<Var> = m.vars.iter().map(|(_, v)| v.clone()).collect();
+    let mut cn = candle_nn::optim::AdamW::new(vars, candle_nn::optim::ParamsAdamW { lr: 1e-4, ..Default::default() }).unwrap();
+    group.bench_function("candle_nn_adamw", |b| b.iter(|| cn.step(&m.grads).unwrap()));
+    group.finish();
+    drop(m);
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -96,6 +96,10 @@ pub trait Optimizer: Send {
     /// Forgets all state: the optimizer then behaves exactly like a fresh one, except that the
     /// parameters keep their values (Adan's `restart_opt`).
     fn reset_state(&mut self) -> Result<()>;
+    /// Sets what a step does with NaN or infinite gradients.
+    fn set_non_finite_policy(&mut self, policy: NonFinitePolicy);
+    /// Sets (or with `None` removes) global gradient-norm clipping.
+    fn set_max_grad_norm(&mut self, max: Option<f64>) -> Result<()>;
 }
 
 pub(crate) struct Param<A: Algorithm> {
@@ -636,6 +640,12 @@ impl<A: Algorithm> Optimizer for Optim<A> {
     }
     fn reset_state(&mut self) -> Result<()> {
         Optim::reset_state(self)
+    }
+    fn set_non_finite_policy(&mut self, policy: NonFinitePolicy) {
+        Optim::set_non_finite_policy(self, policy)
+    }
+    fn set_max_grad_norm(&mut self, max: Option<f64>) -> Result<()> {
+        Optim::set_max_grad_norm(self, max)
     }
 }
 

@@ -94,18 +94,32 @@ impl Algo {
         vars: Vec<(String, Var)>,
         hyperparameters: &serde_json::Value,
     ) -> Result<Box<dyn Optimizer>> {
+        self.build_with(vars, hyperparameters, false)
+    }
+
+    /// Like [`build_json`](Self::build_json); with `no_decay_for_bias_and_norm`, biases, norm
+    /// gains and tensors of rank ≤ 1 go to a second group without weight decay.
+    pub fn build_with(
+        self,
+        vars: Vec<(String, Var)>,
+        hyperparameters: &serde_json::Value,
+        no_decay_for_bias_and_norm: bool,
+    ) -> Result<Box<dyn Optimizer>> {
         fn go<A: Algorithm>(
             vars: Vec<(String, Var)>,
             hp: &serde_json::Value,
+            no_decay: bool,
         ) -> Result<Box<dyn Optimizer>> {
             let config: A = serde_json::from_value(hp.clone()).map_err(|e| {
                 Error::Unsupported(format!("{}: bad hyperparameters: {e}", A::NAME))
             })?;
-            Ok(Box::new(
-                OptimBuilder::new(config).named_vars(vars).build()?,
-            ))
+            let mut b = OptimBuilder::new(config).named_vars(vars);
+            if no_decay {
+                b = b.no_decay_for_bias_and_norm();
+            }
+            Ok(Box::new(b.build()?))
         }
-        dispatch!(self, go(vars, hyperparameters))
+        dispatch!(self, go(vars, hyperparameters, no_decay_for_bias_and_norm))
     }
 }
 

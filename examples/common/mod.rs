@@ -1,0 +1,158 @@
+//! Shared pieces of the examples: a CIFAR-10 binary reader, seeded initialisation, building an
+//! optimizer by name, and small statistics helpers.
+#![allow(dead_code)]
+
+pub mod cifar;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use candle_optim::{Algo, Optimizer};
+use serde_json::json;
+
+/// A small deterministic generator (xorshift64*), so runs are reproducible from `--seed`.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03 | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    pub fn shuffle<T>(&mut self, xs: &mut [T]) {
+        for i in (1..xs.len()).rev() {
+            xs.swap(i, self.below(i + 1));
+        }
+    }
+}
+
+/// How one variable is initialised.
+pub enum Init {
+    /// Leave candle's value (e.g. BatchNorm running statistics).
+    Keep,
+    Const(f64),
+    Uniform(f64),
+    Normal(f64),
+}
+
+/// torch-like defaults by name and shape: weights U(±1/√fan_in), biases 0, norm gains 1,
+/// embeddings N(0, 0.02²) (candle's `embedding` uses std 1, which makes training diverge).
+pub fn default_init(name: &str, shape: &[usize]) -> Init {
+    let last = name.rsplit('.').next().unwrap_or(name);
+    if name.contains("running_") {
+        Init::Keep
+    } else if name.contains("emb") || name.contains("wte") || name.contains("wpe") {
+        Init::Normal(0.02)
+    } else if shape.len() <= 1 {
+        if last == "bias" || last == "beta" {
+            Init::Const(0.0)
+        } else {
+            Init::Const(1.0)
+        }
+    } else {
+        let fan_in: usize = shape[1..].iter().product();
+        Init::Uniform(1.0 / (fan_in as f64).sqrt())
+    }
+}
+
+/// Overwrites every variable of `varmap` (in name order) from a generator seeded with `seed`,
+/// so two models built from the same seed start identical.
+pub fn seeded_init(
+    varmap: &VarMap,
+    seed: u64,
+    rule: impl Fn(&str, &[usize]) -> Init,
+) -> candle_core::Result<()> {
+    let mut rng = Rng::new(seed);
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let n = var.elem_count();
+        let vals: Vec<f32> = match rule(name, var.dims()) {
+            Init::Keep => continue,
+            Init::Const(c) => vec![c as f32; n],
+            Init::Uniform(b) => (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * b) as f32).collect(),
+            Init::Normal(s) => (0..n).map(|_| (rng.normal() * s) as f32).collect(),
+        };
+        let t = Tensor::from_vec(vals, var.shape(), var.device())?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
+    Ok(())
+}
+
+/// A learning rate that trains the examples' small models well for each algorithm.
+pub fn example_lr(algo: Algo) -> f64 {
+    match algo {
+        Algo::SgdSai => 1e-3,
+        Algo::AdamW | Algo::AdamP | Algo::AdaBelief | Algo::DiffGrad => 1e-3,
+        Algo::Adan => 2e-3,
+        Algo::Lion => 1e-4,
+    }
+}
+
+/// Builds `algo` over every float variable of `varmap` with learning rate `lr` and weight decay
+/// `wd` (none for biases and norm gains); other hyperparameters take the official defaults.
+pub fn make_optimizer(algo: Algo, varmap: &VarMap, lr: f64, wd: f64) -> candle_optim::Result<Box<dyn Optimizer>> {
+    let mut vars: Vec<_> = {
+        let data = varmap.data().lock().expect("varmap lock");
+        data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    };
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    // Lion and the examples' decoupled-decay optimizers take wd as given; Lion wants more.
+    let wd = if algo == Algo::Lion { wd * 10.0 } else { wd };
+    let hyper = json!({"lr": lr, "weight_decay": wd});
+    algo.build_with(vars, &hyper, true)
+}
+
+pub fn median(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn human_bytes(b: usize) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.2} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{b} B")
+    }
+}
+
+/// The device named on the command line.
+pub fn device(name: &str) -> candle_core::Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0),
+        other => candle_core::bail!("unknown device {other} (cpu or cuda)"),
+    }
+}
+
+pub fn dtype_f32() -> DType {
+    DType::F32
+}

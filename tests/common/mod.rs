@@ -1,0 +1,182 @@
+//! The one table of optimizers that drives the shared tests.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_optim::{Algo, Optimizer};
+use serde_json::{json, Value};
+
+/// One optimizer configuration under test.
+pub struct Entry {
+    pub algo: Algo,
+    /// Distinguishes option variants of the same algorithm.
+    pub label: &'static str,
+    /// Hyperparameters with the official names (missing ones take the defaults).
+    pub hyper: Value,
+    /// State bytes per element for f32 parameters.
+    pub state_bytes: usize,
+    /// Hyperparameter sets that must be rejected.
+    pub invalid: Vec<Value>,
+}
+
+fn bad_common() -> Vec<Value> {
+    vec![
+        json!({"lr": -1e-3}),
+        json!({"lr": f64::NAN}),
+        json!({"weight_decay": -0.1}),
+    ]
+}
+
+fn bad_betas2() -> Vec<Value> {
+    vec![
+        json!({"betas": [1.0, 0.999]}),
+        json!({"betas": [0.9, 1.0]}),
+        json!({"betas": [-0.1, 0.999]}),
+    ]
+}
+
+fn with(mut a: Vec<Value>, b: Vec<Value>) -> Vec<Value> {
+    a.extend(b);
+    a
+}
+
+/// Every algorithm with its default options, plus the option variants that change the state.
+pub fn table() -> Vec<Entry> {
+    vec![
+        Entry {
+            algo: Algo::SgdSai,
+            label: "sgd_sai",
+            hyper: json!({}),
+            state_bytes: 4,
+            invalid: with(
+                bad_common(),
+                vec![json!({"momentum": 1.0}), json!({"momentum": -0.5}), json!({"eps": -1e-8})],
+            ),
+        },
+        Entry {
+            algo: Algo::SgdSai,
+            label: "sgd_sai_no_momentum",
+            hyper: json!({"momentum": 0.0}),
+            state_bytes: 0,
+            invalid: vec![],
+        },
+        Entry {
+            algo: Algo::AdamW,
+            label: "adamw",
+            hyper: json!({}),
+            state_bytes: 8,
+            invalid: with(with(bad_common(), bad_betas2()), vec![json!({"eps": -1e-8})]),
+        },
+        Entry {
+            algo: Algo::AdamW,
+            label: "adamw_amsgrad",
+            hyper: json!({"amsgrad": true}),
+            state_bytes: 12,
+            invalid: vec![],
+        },
+        Entry {
+            algo: Algo::AdamP,
+            label: "adamp",
+            hyper: json!({"weight_decay": 0.01}),
+            state_bytes: 8,
+            invalid: with(with(bad_common(), bad_betas2()), vec![json!({"eps": -1.0}), json!({"delta": -0.1})]),
+        },
+        Entry {
+            algo: Algo::AdaBelief,
+            label: "adabelief",
+            hyper: json!({}),
+            state_bytes: 8,
+            invalid: with(with(bad_common(), bad_betas2()), vec![json!({"eps": -1e-16})]),
+        },
+        Entry {
+            algo: Algo::AdaBelief,
+            label: "adabelief_amsgrad",
+            hyper: json!({"amsgrad": true}),
+            state_bytes: 12,
+            invalid: vec![],
+        },
+        Entry {
+            algo: Algo::DiffGrad,
+            label: "diffgrad",
+            hyper: json!({"weight_decay": 0.01}),
+            state_bytes: 12,
+            invalid: with(with(bad_common(), bad_betas2()), vec![json!({"eps": -1e-8})]),
+        },
+        Entry {
+            algo: Algo::Adan,
+            label: "adan",
+            hyper: json!({"weight_decay": 0.02, "max_grad_norm": 1.0}),
+            state_bytes: 16,
+            invalid: with(
+                bad_common(),
+                vec![
+                    json!({"betas": [0.98, 0.92, 1.0]}),
+                    json!({"betas": [1.0, 0.92, 0.99]}),
+                    json!({"max_grad_norm": -1.0}),
+                    json!({"eps": -1e-8}),
+                ],
+            ),
+        },
+        Entry {
+            algo: Algo::Lion,
+            label: "lion",
+            hyper: json!({"weight_decay": 0.1}),
+            state_bytes: 4,
+            invalid: with(bad_common(), bad_betas2()),
+        },
+    ]
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+pub fn values(seed: u64, n: usize) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+pub fn tensor(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(values(seed, n), shape, &Device::Cpu)
+        .and_then(|t| t.to_dtype(dtype))
+        .expect("tensor")
+}
+
+pub fn named_vars(shapes: &[&[usize]], dtype: DType) -> Vec<(String, Var)> {
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("p{i}"), Var::from_tensor(&tensor(100 + i as u64, s, dtype)).unwrap()))
+        .collect()
+}
+
+pub fn build(e: &Entry, vars: &[(String, Var)]) -> Box<dyn Optimizer> {
+    e.algo.build_json(vars.to_vec(), &e.hyper).expect("build")
+}
+
+/// Every byte of the parameters and of the optimizer state, for "nothing changed" checks.
+pub fn snapshot(opt: &dyn Optimizer, vars: &[(String, Var)]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let bytes = |t: &Tensor| -> Vec<u8> {
+        let t = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
+        t.to_vec1::<f64>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect()
+    };
+    for (name, v) in vars {
+        out.push(bytes(v.as_tensor()));
+        if let Some(s) = opt.param_state(name) {
+            out.push(s.step.to_le_bytes().to_vec());
+            for (_, t) in &s.slots {
+                out.push(bytes(t));
+            }
+            for (_, x) in &s.scalars {
+                out.push(x.to_le_bytes().to_vec());
+            }
+        }
+    }
+    out.push(opt.step_count().to_le_bytes().to_vec());
+    out
+}
