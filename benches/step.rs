@@ -72,8 +72,12 @@ fn model(shapes: &[(String, Vec<usize>)]) -> Model {
     let vars = shapes
         .iter()
         .map(|(n, s)| {
-            let v = Var::from_tensor(&Tensor::randn(0f32, 0.02, s.as_slice(), &dev).unwrap()).unwrap();
-            grads.insert(v.as_tensor(), Tensor::randn(0f32, 1e-3, s.as_slice(), &dev).unwrap());
+            let v =
+                Var::from_tensor(&Tensor::randn(0f32, 0.02, s.as_slice(), &dev).unwrap()).unwrap();
+            grads.insert(
+                v.as_tensor(),
+                Tensor::randn(0f32, 1e-3, s.as_slice(), &dev).unwrap(),
+            );
             (n.clone(), v)
         })
         .collect();
@@ -82,25 +86,46 @@ fn model(shapes: &[(String, Vec<usize>)]) -> Model {
 
 fn bench(c: &mut Criterion) {
     let shapes = gpt2_small_shapes();
-    let n: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let n: usize = shapes
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
     assert_eq!(n, 124_439_808);
     let m = model(&shapes);
     let mut group = c.benchmark_group("gpt2_small_step");
-    group.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(8));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(8));
     for &algo in Algo::ALL {
-        let mut opt = algo.build_json(m.vars.clone(), &serde_json::json!({"lr": 1e-4})).unwrap();
+        let mut opt = algo
+            .build_json(m.vars.clone(), &serde_json::json!({"lr": 1e-4}))
+            .unwrap();
         opt.set_non_finite_policy(NonFinitePolicy::Propagate);
         group.throughput(Throughput::Bytes(bytes_per_step(algo, &shapes)));
-        group.bench_function(format!("{}_fused", algo.name()), |b| b.iter(|| opt.step(&m.grads).unwrap()));
+        group.bench_function(format!("{}_fused", algo.name()), |b| {
+            b.iter(|| opt.step(&m.grads).unwrap())
+        });
     }
     // The default non-finite policy (SkipStep) adds one read pass over the gradients.
-    let mut opt = Algo::AdamW.build_json(m.vars.clone(), &serde_json::json!({"lr": 1e-4})).unwrap();
+    let mut opt = Algo::AdamW
+        .build_json(m.vars.clone(), &serde_json::json!({"lr": 1e-4}))
+        .unwrap();
     group.throughput(Throughput::Bytes(bytes_per_step(Algo::AdamW, &shapes)));
-    group.bench_function("adamw_fused_skip_nonfinite", |b| b.iter(|| opt.step(&m.grads).unwrap()));
+    group.bench_function("adamw_fused_skip_nonfinite", |b| {
+        b.iter(|| opt.step(&m.grads).unwrap())
+    });
 
     use candle_nn::optim::Optimizer as _;
     let vars: Vec<Var> = m.vars.iter().map(|(_, v)| v.clone()).collect();
-    let mut cn = candle_nn::optim::AdamW::new(vars, candle_nn::optim::ParamsAdamW { lr: 1e-4, ..Default::default() }).unwrap();
+    let mut cn = candle_nn::optim::AdamW::new(
+        vars,
+        candle_nn::optim::ParamsAdamW {
+            lr: 1e-4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     group.bench_function("candle_nn_adamw", |b| b.iter(|| cn.step(&m.grads).unwrap()));
     group.finish();
     drop(m);

@@ -57,7 +57,12 @@ struct Outcome {
     state_bytes: usize,
 }
 
-fn train(algo: Algo, lr: f64, train: &cifar::Split, test: &cifar::Split) -> anyhow_like::Result<Outcome> {
+fn train(
+    algo: Algo,
+    lr: f64,
+    train: &cifar::Split,
+    test: &cifar::Split,
+) -> anyhow_like::Result<Outcome> {
     let varmap = VarMap::new();
     let model = Mlp::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
     seeded_init(&varmap, SEED, common::default_init)?;
@@ -92,7 +97,11 @@ fn train(algo: Algo, lr: f64, train: &cifar::Split, test: &cifar::Split) -> anyh
     let idx: Vec<usize> = (0..test.len()).collect();
     let (x, y) = features(test, &idx)?;
     let pred = model.forward(&x)?.argmax(D::Minus1)?;
-    let correct = pred.eq(&y)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
+    let correct = pred
+        .eq(&y)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as f64;
     let tail = &losses[losses.len() - 20..];
     Ok(Outcome {
         algo,

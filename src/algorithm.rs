@@ -118,6 +118,15 @@ pub trait Algorithm:
     /// kernel receives them. All have the parameter's shape.
     fn slots(&self) -> &'static [&'static str];
 
+    /// Bytes one step must move for a parameter of `numel` elements and rank `rank` whose
+    /// elements take `param_bytes` each (state is f32): the floor of a fused step's memory
+    /// traffic (ALGORITHMS.md §8). The default is one pass that reads p, g and every slot and
+    /// writes p and every slot.
+    fn traffic_bytes(&self, numel: usize, rank: usize, param_bytes: usize) -> usize {
+        let _ = rank;
+        numel * (3 * param_bytes + 2 * 4 * self.slots().len())
+    }
+
     /// Runs once per step, after the gradients were checked and before any parameter changes:
     /// the place for reductions over gradients (SGD-SaI's first-step g-SNR, Adan's global norm).
     fn prepare(global: &mut Self::Global, ctx: &mut StepContext<'_, '_, Self>) -> Result<()> {

@@ -89,6 +89,9 @@ pub trait Optimizer: Send {
     fn step_count(&self) -> u64;
     /// Bytes of optimizer state held now (state tensors plus per-parameter scalars).
     fn state_bytes(&self) -> usize;
+    /// Bytes a fused step over every parameter must move (reads and writes of parameters,
+    /// gradients and state): the memory-traffic floor that benchmarks divide by the time.
+    fn step_traffic_bytes(&self) -> usize;
     /// The state of the parameter with this name, if it has any.
     fn param_state(&self, name: &str) -> Option<ParamState>;
     /// Names of the optimizer-wide scalars and their values (SGD-SaI: `gsnr_max`).
@@ -326,6 +329,22 @@ impl<A: Algorithm> Optim<A> {
                     .map(|s| s.elem_count() * s.dtype().size_in_bytes())
                     .sum();
                 tensors + A::extra_scalars(&p.extra).len() * 4
+            })
+            .sum()
+    }
+
+    /// Bytes a fused step over every parameter must move (see [`Algorithm::traffic_bytes`]).
+    pub fn step_traffic_bytes(&self) -> usize {
+        self.groups
+            .iter()
+            .flat_map(|g| {
+                g.params.iter().map(|p| {
+                    g.config.traffic_bytes(
+                        p.var.elem_count(),
+                        p.var.rank(),
+                        p.var.dtype().size_in_bytes(),
+                    )
+                })
             })
             .sum()
     }
@@ -631,6 +650,9 @@ impl<A: Algorithm> Optimizer for Optim<A> {
     }
     fn state_bytes(&self) -> usize {
         Optim::state_bytes(self)
+    }
+    fn step_traffic_bytes(&self) -> usize {
+        Optim::step_traffic_bytes(self)
     }
     fn param_state(&self, name: &str) -> Option<ParamState> {
         Optim::param_state(self, name)

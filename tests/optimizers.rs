@@ -30,7 +30,11 @@ fn invalid_hyperparameters_are_typed_errors() {
                 Err(Error::InvalidHyperparameter { .. }) => {}
                 // serde_json cannot carry NaN: it arrives as null and fails to parse.
                 Err(Error::Unsupported(_)) if bad.to_string().contains("null") => {}
-                other => panic!("{}: {bad} was accepted or gave the wrong error: {:?}", e.label, other.err()),
+                other => panic!(
+                    "{}: {bad} was accepted or gave the wrong error: {:?}",
+                    e.label,
+                    other.err()
+                ),
             }
         }
     }
@@ -45,7 +49,14 @@ fn bad_learning_rate_changes_nothing() {
         let before = snapshot(opt.as_ref(), &vars);
         let lr = opt.learning_rate();
         for bad in [-1.0, f64::NAN, f64::INFINITY] {
-            assert!(matches!(opt.set_learning_rate(bad), Err(Error::InvalidHyperparameter { .. })), "{}", e.label);
+            assert!(
+                matches!(
+                    opt.set_learning_rate(bad),
+                    Err(Error::InvalidHyperparameter { .. })
+                ),
+                "{}",
+                e.label
+            );
         }
         assert_eq!(opt.learning_rate(), lr);
         assert_eq!(snapshot(opt.as_ref(), &vars), before, "{}", e.label);
@@ -63,23 +74,45 @@ fn mismatched_gradients_are_typed_errors_and_change_nothing() {
         // The bad gradient belongs to the last parameter, so a partial update would show.
         let (_, last) = vars.last().unwrap();
         let mut g = grads_for(&vars, 2, DType::F32);
-        g.insert(last.as_tensor(), Tensor::zeros(&[2, 2], DType::F32, &Device::Cpu).unwrap());
-        assert!(matches!(opt.step(&g), Err(Error::ShapeMismatch { .. })), "{}", e.label);
+        g.insert(
+            last.as_tensor(),
+            Tensor::zeros(&[2, 2], DType::F32, &Device::Cpu).unwrap(),
+        );
+        assert!(
+            matches!(opt.step(&g), Err(Error::ShapeMismatch { .. })),
+            "{}",
+            e.label
+        );
 
         let mut g = grads_for(&vars, 2, DType::F32);
-        g.insert(last.as_tensor(), Tensor::zeros(last.dims(), DType::F64, &Device::Cpu).unwrap());
-        assert!(matches!(opt.step(&g), Err(Error::DTypeMismatch { .. })), "{}", e.label);
+        g.insert(
+            last.as_tensor(),
+            Tensor::zeros(last.dims(), DType::F64, &Device::Cpu).unwrap(),
+        );
+        assert!(
+            matches!(opt.step(&g), Err(Error::DTypeMismatch { .. })),
+            "{}",
+            e.label
+        );
 
         let mut g = grads_for(&vars, 2, DType::F32);
         g.insert(last.as_tensor(), last.as_tensor().clone());
-        assert!(matches!(opt.step(&g), Err(Error::Aliasing { .. })), "{}", e.label);
+        assert!(
+            matches!(opt.step(&g), Err(Error::Aliasing { .. })),
+            "{}",
+            e.label
+        );
 
         let (name0, v0) = &vars[0];
         if let Some(st) = opt.param_state(name0) {
             if let Some((_, slot)) = st.slots.first() {
                 let mut g = grads_for(&vars, 2, DType::F32);
                 g.insert(v0.as_tensor(), slot.clone());
-                assert!(matches!(opt.step(&g), Err(Error::Aliasing { .. })), "{}", e.label);
+                assert!(
+                    matches!(opt.step(&g), Err(Error::Aliasing { .. })),
+                    "{}",
+                    e.label
+                );
             }
         }
         assert_eq!(snapshot(opt.as_ref(), &vars), before, "{}", e.label);
@@ -93,14 +126,28 @@ fn parameters_without_gradients_are_skipped_entirely() {
         let mut opt = build(&e, &vars);
         // Only p0 has a gradient at first: p1.. get no state, no decay.
         let mut g = GradStore::default();
-        g.insert(vars[0].1.as_tensor(), tensor(7, vars[0].1.dims(), DType::F32));
-        let untouched: Vec<Vec<f32>> =
-            vars[1..].iter().map(|(_, v)| v.flatten_all().unwrap().to_vec1().unwrap()).collect();
+        g.insert(
+            vars[0].1.as_tensor(),
+            tensor(7, vars[0].1.dims(), DType::F32),
+        );
+        let untouched: Vec<Vec<f32>> = vars[1..]
+            .iter()
+            .map(|(_, v)| v.flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
         opt.step(&g).unwrap();
         for ((name, v), before) in vars[1..].iter().zip(&untouched) {
-            assert_eq!(&v.flatten_all().unwrap().to_vec1::<f32>().unwrap(), before, "{}: {name}", e.label);
+            assert_eq!(
+                &v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                before,
+                "{}: {name}",
+                e.label
+            );
             let st = opt.param_state(name).unwrap();
-            assert!(st.slots.is_empty() && st.step == 0, "{}: {name} got state", e.label);
+            assert!(
+                st.slots.is_empty() && st.step == 0,
+                "{}: {name} got state",
+                e.label
+            );
         }
         assert_eq!(opt.param_state("p0").unwrap().step, 1);
         // Then all step once; then p0 skips a step: its state and counter stay put.
@@ -111,7 +158,12 @@ fn parameters_without_gradients_are_skipped_entirely() {
         opt.step(&g).unwrap();
         let p0_after = snapshot(opt.as_ref(), &vars[..1]);
         // Compare everything but the optimizer-wide step count (the last entry).
-        assert_eq!(p0_before[..p0_before.len() - 1], p0_after[..p0_after.len() - 1], "{}", e.label);
+        assert_eq!(
+            p0_before[..p0_before.len() - 1],
+            p0_after[..p0_after.len() - 1],
+            "{}",
+            e.label
+        );
         assert_eq!(opt.param_state("p0").unwrap().step, 2, "{}", e.label);
         assert_eq!(opt.param_state("p1").unwrap().step, 2, "{}", e.label);
     }
@@ -123,7 +175,10 @@ fn non_float_vars_are_ignored() {
     let f = Var::from_tensor(&tensor(1, &[4], DType::F32)).unwrap();
     for &algo in Algo::ALL {
         let opt = algo
-            .build_json(vec![("i".into(), ints.clone()), ("f".into(), f.clone())], &serde_json::json!({}))
+            .build_json(
+                vec![("i".into(), ints.clone()), ("f".into(), f.clone())],
+                &serde_json::json!({}),
+            )
             .unwrap();
         assert!(opt.param_state("i").is_none());
         assert!(opt.param_state("f").is_some());
@@ -135,16 +190,31 @@ fn state_bytes_are_what_the_algorithm_needs() {
     for e in table() {
         let vars = named_vars(&[&[64, 32], &[32]], DType::F32);
         let mut opt = build(&e, &vars);
-        assert_eq!(opt.state_bytes(), 0, "{}: state before the first step", e.label);
+        assert_eq!(
+            opt.state_bytes(),
+            0,
+            "{}: state before the first step",
+            e.label
+        );
         opt.step(&grads_for(&vars, 1, DType::F32)).unwrap();
         let elems = 64 * 32 + 32;
         let scalars = if e.algo == Algo::SgdSai { 2 * 4 } else { 0 }; // one g-SNR per tensor
-        assert_eq!(opt.state_bytes(), e.state_bytes * elems + scalars, "{}", e.label);
+        assert_eq!(
+            opt.state_bytes(),
+            e.state_bytes * elems + scalars,
+            "{}",
+            e.label
+        );
         // bf16 parameters still keep f32 state.
         let vars = named_vars(&[&[64, 32], &[32]], DType::BF16);
         let mut opt = build(&e, &vars);
         opt.step(&grads_for(&vars, 1, DType::BF16)).unwrap();
-        assert_eq!(opt.state_bytes(), e.state_bytes * elems + scalars, "{} (bf16)", e.label);
+        assert_eq!(
+            opt.state_bytes(),
+            e.state_bytes * elems + scalars,
+            "{} (bf16)",
+            e.label
+        );
         if let Some(st) = opt.param_state("p0") {
             for (_, t) in st.slots {
                 assert_eq!(t.dtype(), DType::F32);
@@ -161,7 +231,14 @@ fn run(e: &Entry, dtype: DType, steps: u64, shapes: &[&[usize]]) -> Vec<Vec<f64>
         opt.step(&grads_for(&vars, 10 + s, dtype)).unwrap();
     }
     vars.iter()
-        .map(|(_, v)| v.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap())
+        .map(|(_, v)| {
+            v.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
         .collect()
 }
 
@@ -200,8 +277,14 @@ fn thread_count_does_not_change_results() {
     // Large enough to be split over threads (and AdamP's single long row too).
     let shapes: &[&[usize]] = &[&[300, 700], &[1, 200_000], &[70_001]];
     for e in table() {
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        let many = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let many = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .unwrap();
         let a = one.install(|| run(&e, DType::F32, 3, shapes));
         let b = many.install(|| run(&e, DType::F32, 3, shapes));
         assert!(a == b, "{}: results depend on the thread count", e.label);
@@ -220,12 +303,17 @@ fn skip_step_policy_leaves_everything_unchanged() {
             let (name, v) = &vars[2];
             let mut vals = values(5, v.elem_count());
             vals[7] = bad;
-            g.insert(v.as_tensor(), Tensor::from_vec(vals, v.dims(), &Device::Cpu).unwrap());
+            g.insert(
+                v.as_tensor(),
+                Tensor::from_vec(vals, v.dims(), &Device::Cpu).unwrap(),
+            );
             let r = opt.step(&g).unwrap();
             assert!(!r.taken, "{}", e.label);
             assert_eq!(
                 r.skipped,
-                Some(candle_optim::SkipReason::NonFiniteGradient { param: name.clone() }),
+                Some(candle_optim::SkipReason::NonFiniteGradient {
+                    param: name.clone()
+                }),
                 "{}",
                 e.label
             );
@@ -243,10 +331,17 @@ fn error_and_propagate_policies() {
             opt.set_non_finite_policy(policy);
             let v = &vars[0].1;
             let mut g = GradStore::default();
-            g.insert(v.as_tensor(), Tensor::new(&[f32::NAN; 8], &Device::Cpu).unwrap());
+            g.insert(
+                v.as_tensor(),
+                Tensor::new(&[f32::NAN; 8], &Device::Cpu).unwrap(),
+            );
             if policy == NonFinitePolicy::Error {
                 let before = snapshot(opt.as_ref(), &vars);
-                assert!(matches!(opt.step(&g), Err(Error::NonFiniteGradient { .. })), "{}", e.label);
+                assert!(
+                    matches!(opt.step(&g), Err(Error::NonFiniteGradient { .. })),
+                    "{}",
+                    e.label
+                );
                 assert_eq!(snapshot(opt.as_ref(), &vars), before, "{}", e.label);
             } else {
                 assert!(opt.step(&g).unwrap().taken, "{}", e.label);
@@ -263,13 +358,26 @@ fn candle_nn_optimizer_drop_in_trains() {
     // Fit a linear map y = x·Wᵀ + b with each algorithm through candle-nn's trait.
     let x = tensor(1, &[64, 8], DType::F32);
     let w_true = tensor(2, &[4, 8], DType::F32);
-    let y = x.matmul(&w_true.t().unwrap()).unwrap().broadcast_add(&tensor(3, &[4], DType::F32)).unwrap();
+    let y = x
+        .matmul(&w_true.t().unwrap())
+        .unwrap()
+        .broadcast_add(&tensor(3, &[4], DType::F32))
+        .unwrap();
     fn fit<O: candle_nn::optim::Optimizer>(cfg: O::Config, x: &Tensor, y: &Tensor) -> (f32, f32) {
         let w = Var::zeros((4, 8), DType::F32, &Device::Cpu).unwrap();
         let b = Var::zeros(4, DType::F32, &Device::Cpu).unwrap();
         let mut opt = O::new(vec![w.clone(), b.clone()], cfg).unwrap();
         let loss = |w: &Var, b: &Var| {
-            x.matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap().sub(y).unwrap().sqr().unwrap().mean_all().unwrap()
+            x.matmul(&w.as_tensor().t().unwrap())
+                .unwrap()
+                .broadcast_add(b.as_tensor())
+                .unwrap()
+                .sub(y)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
         };
         let first = loss(&w, &b).to_scalar::<f32>().unwrap();
         for _ in 0..300 {
@@ -279,13 +387,85 @@ fn candle_nn_optimizer_drop_in_trains() {
     }
     use candle_optim::*;
     let results = [
-        ("sgd_sai", fit::<SgdSai>(SgdSaiConfig { lr: 2e-2, weight_decay: 0.0, ..Default::default() }, &x, &y)),
-        ("adamw", fit::<AdamW>(AdamWConfig { lr: 0.05, weight_decay: 0.0, ..Default::default() }, &x, &y)),
-        ("adamp", fit::<AdamP>(AdamPConfig { lr: 0.05, ..Default::default() }, &x, &y)),
-        ("adabelief", fit::<AdaBelief>(AdaBeliefConfig { lr: 0.05, ..Default::default() }, &x, &y)),
-        ("diffgrad", fit::<DiffGrad>(DiffGradConfig { lr: 0.05, ..Default::default() }, &x, &y)),
-        ("adan", fit::<Adan>(AdanConfig { lr: 0.05, ..Default::default() }, &x, &y)),
-        ("lion", fit::<Lion>(LionConfig { lr: 0.01, ..Default::default() }, &x, &y)),
+        (
+            "sgd_sai",
+            fit::<SgdSai>(
+                SgdSaiConfig {
+                    lr: 2e-2,
+                    weight_decay: 0.0,
+                    ..Default::default()
+                },
+                &x,
+                &y,
+            ),
+        ),
+        (
+            "adamw",
+            fit::<AdamW>(
+                AdamWConfig {
+                    lr: 0.05,
+                    weight_decay: 0.0,
+                    ..Default::default()
+                },
+                &x,
+                &y,
+            ),
+        ),
+        (
+            "adamp",
+            fit::<AdamP>(
+                AdamPConfig {
+                    lr: 0.05,
+                    ..Default::default()
+                },
+                &x,
+                &y,
+            ),
+        ),
+        (
+            "adabelief",
+            fit::<AdaBelief>(
+                AdaBeliefConfig {
+                    lr: 0.05,
+                    ..Default::default()
+                },
+                &x,
+                &y,
+            ),
+        ),
+        (
+            "diffgrad",
+            fit::<DiffGrad>(
+                DiffGradConfig {
+                    lr: 0.05,
+                    ..Default::default()
+                },
+                &x,
+                &y,
+            ),
+        ),
+        (
+            "adan",
+            fit::<Adan>(
+                AdanConfig {
+                    lr: 0.05,
+                    ..Default::default()
+                },
+                &x,
+                &y,
+            ),
+        ),
+        (
+            "lion",
+            fit::<Lion>(
+                LionConfig {
+                    lr: 0.01,
+                    ..Default::default()
+                },
+                &x,
+                &y,
+            ),
+        ),
     ];
     for (name, (first, last)) in results {
         println!("{name}: loss {first} -> {last}");

@@ -36,7 +36,10 @@ impl Split {
         }
         for (i, rec) in bytes.chunks_exact(RECORD).enumerate() {
             if rec[0] >= 10 {
-                return Err(format!("{what}: record {i} has label {} (must be < 10)", rec[0]));
+                return Err(format!(
+                    "{what}: record {i} has label {} (must be < 10)",
+                    rec[0]
+                ));
             }
         }
         for rec in bytes.chunks_exact(RECORD) {
@@ -48,7 +51,13 @@ impl Split {
 
     /// Images as `[idx.len(), 3, 32, 32]` f32, scaled to [0, 1] and normalised per channel,
     /// and labels as u32.
-    pub fn batch(&self, idx: &[usize], mean: [f32; 3], std: [f32; 3], dev: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    pub fn batch(
+        &self,
+        idx: &[usize],
+        mean: [f32; 3],
+        std: [f32; 3],
+        dev: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let mut x = Vec::with_capacity(idx.len() * 3072);
         let mut y = Vec::with_capacity(idx.len());
         for &i in idx {
@@ -100,7 +109,8 @@ pub fn load_dir(dir: &Path) -> Result<(Split, Split), String> {
     if train.is_empty() {
         return Err(format!("{}: no data_batch_*.bin files", dir.display()));
     }
-    let p = find(dir, "test_batch").ok_or_else(|| format!("{}: no test_batch.bin", dir.display()))?;
+    let p =
+        find(dir, "test_batch").ok_or_else(|| format!("{}: no test_batch.bin", dir.display()))?;
     let mut test = Split::default();
     test.push_bytes(&read_file(&p)?, &p.display().to_string())?;
     Ok((train, test))

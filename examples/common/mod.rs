@@ -89,7 +89,9 @@ pub fn seeded_init(
         let vals: Vec<f32> = match rule(name, var.dims()) {
             Init::Keep => continue,
             Init::Const(c) => vec![c as f32; n],
-            Init::Uniform(b) => (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * b) as f32).collect(),
+            Init::Uniform(b) => (0..n)
+                .map(|_| ((rng.uniform() * 2.0 - 1.0) * b) as f32)
+                .collect(),
             Init::Normal(s) => (0..n).map(|_| (rng.normal() * s) as f32).collect(),
         };
         let t = Tensor::from_vec(vals, var.shape(), var.device())?.to_dtype(var.dtype())?;
@@ -110,7 +112,12 @@ pub fn example_lr(algo: Algo) -> f64 {
 
 /// Builds `algo` over every float variable of `varmap` with learning rate `lr` and weight decay
 /// `wd` (none for biases and norm gains); other hyperparameters take the official defaults.
-pub fn make_optimizer(algo: Algo, varmap: &VarMap, lr: f64, wd: f64) -> candle_optim::Result<Box<dyn Optimizer>> {
+pub fn make_optimizer(
+    algo: Algo,
+    varmap: &VarMap,
+    lr: f64,
+    wd: f64,
+) -> candle_optim::Result<Box<dyn Optimizer>> {
     let mut vars: Vec<_> = {
         let data = varmap.data().lock().expect("varmap lock");
         data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()

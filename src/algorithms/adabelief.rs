@@ -80,9 +80,18 @@ pub struct AdaBeliefKernel {
     grad_scale: f64,
 }
 
-impl Kernel for AdaBeliefKernel {
-    #[inline]
-    fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
+impl AdaBeliefKernel {
+    /// The element loop for one (mode, amsgrad) combination; the branches on `MODE` and
+    /// `AMS` are resolved at compile time so the loop vectorizes.
+    #[inline(always)]
+    fn run<P: Elem, const MODE: u8, const AMS: bool>(
+        &self,
+        p: &mut [P],
+        g: &[P],
+        m: &mut [P::Math],
+        var: &mut [P::Math],
+        vmax: &mut [P::Math],
+    ) {
         let of = <P::Math as Real>::of;
         let (decay, l2, gs, eps) = (
             of(self.decay),
@@ -94,14 +103,9 @@ impl Kernel for AdaBeliefKernel {
         let (b2, one_b2) = (of(self.beta2), of(1.0 - self.beta2));
         let (bc2s, neg_step) = (of(self.bc2_sqrt), of(-self.step));
         let coupled = self.l2 != 0.0;
-        let mode = self.mode;
         let n = p.len();
-        let g = &g[..n];
-        let (m, var, mut vmax) = match s {
-            [m, v] => (&mut m[..n], &mut v[..n], None),
-            [m, v, vm] => (&mut m[..n], &mut v[..n], Some(&mut vm[..n])),
-            _ => unreachable!("AdaBelief has 2 state slots, 3 with amsgrad"),
-        };
+        let (g, m, var) = (&g[..n], &mut m[..n], &mut var[..n]);
+        let vmax = if AMS { &mut vmax[..n] } else { &mut vmax[..0] };
         for i in 0..n {
             let p0 = p[i].load();
             let pi = p0 * decay;
@@ -114,30 +118,46 @@ impl Kernel for AdaBeliefKernel {
             let si = (var[i] * b2 + one_b2 * r * r) + eps;
             m[i] = mi;
             var[i] = si;
-            let upd = match mode {
-                Mode::Adam => {
-                    let v = match vmax.as_deref_mut() {
-                        Some(vm) => {
-                            let x = vm[i].max_nan(si);
-                            vm[i] = x;
-                            x
-                        }
-                        None => si,
-                    };
-                    neg_step * (mi / (v.sqrt() / bc2s + eps))
-                }
-                Mode::Rectified | Mode::Sgd | Mode::None => {
-                    if let Some(vm) = vmax.as_deref_mut() {
-                        vm[i] = vm[i].max_nan(si);
-                    }
-                    match mode {
-                        Mode::Rectified => neg_step * (mi / (si.sqrt() + eps)),
-                        Mode::Sgd => neg_step * mi,
-                        _ => <P::Math as Real>::ZERO,
-                    }
-                }
+            let vm = if AMS {
+                let x = vmax[i].max_nan(si);
+                vmax[i] = x;
+                x
+            } else {
+                si
             };
-            p[i] = P::store(if mode == Mode::None { pi } else { pi + upd });
+            let out = match MODE {
+                ADAM => pi + neg_step * (mi / (vm.sqrt() / bc2s + eps)),
+                RECTIFIED => pi + neg_step * (mi / (si.sqrt() + eps)),
+                SGD => pi + neg_step * mi,
+                _ => pi,
+            };
+            p[i] = P::store(out);
+        }
+    }
+}
+
+const ADAM: u8 = 0;
+const RECTIFIED: u8 = 1;
+const SGD: u8 = 2;
+const NONE: u8 = 3;
+
+impl Kernel for AdaBeliefKernel {
+    #[inline(always)]
+    fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
+        let (m, var, vmax, ams): (&mut [P::Math], &mut [P::Math], &mut [P::Math], bool) = match s {
+            [m, v] => (m, v, &mut [], false),
+            [m, v, vm] => (m, v, vm, true),
+            _ => unreachable!("AdaBelief has 2 state slots, 3 with amsgrad"),
+        };
+        match (self.mode, ams) {
+            (Mode::Adam, false) => self.run::<P, ADAM, false>(p, g, m, var, vmax),
+            (Mode::Adam, true) => self.run::<P, ADAM, true>(p, g, m, var, vmax),
+            (Mode::Rectified, false) => self.run::<P, RECTIFIED, false>(p, g, m, var, vmax),
+            (Mode::Rectified, true) => self.run::<P, RECTIFIED, true>(p, g, m, var, vmax),
+            (Mode::Sgd, false) => self.run::<P, SGD, false>(p, g, m, var, vmax),
+            (Mode::Sgd, true) => self.run::<P, SGD, true>(p, g, m, var, vmax),
+            (Mode::None, false) => self.run::<P, NONE, false>(p, g, m, var, vmax),
+            (Mode::None, true) => self.run::<P, NONE, true>(p, g, m, var, vmax),
         }
     }
 }

@@ -5,11 +5,15 @@
 //! when the gradient is nearly orthogonal to it: first tested on the channel view (one row per
 //! `shape[0]`), then on the layer view (one row), with `|cos|`, the maximum over rows and the
 //! threshold `delta/sqrt(row_len)` in f64. On the CPU this is two passes over the tensor: the
-//! first updates m and v and accumulates per-row g·p, ‖g‖², ‖p‖² and p·u (f64, in a scratch
-//! buffer reused across steps); the second recomputes u, projects it and writes p.
+//! first updates m and v and accumulates per-row g·p, ‖g‖² and ‖p‖² (f64, in a scratch buffer
+//! reused across steps), which decide the projection; the second computes u, projects it (the
+//! per-row Σ p·u from the row while it is in cache; the layer view's Σ p·u in an extra read
+//! pass, only when it fires) and writes p. The projector multiplies by 1/(‖p‖ + eps) where the
+//! reference divides by ‖p‖ + eps: a rounding-level difference, far inside the tolerance.
 
 use crate::algorithm::{Algorithm, Kernel, ParamMeta, Slots};
 use crate::backend::cpu::{leaf_len, split_point, REDUCE_GRAIN};
+use crate::backend::simd;
 use crate::elem::{Elem, Real};
 use crate::error::{check_nonneg, check_range, Result};
 use candle_core::Shape;
@@ -65,9 +69,6 @@ pub struct AdamPKernel {
     grad_scale: f64,
 }
 
-/// Per-row sums of pass 1: g·p, g·g, p·p, p·u.
-type RowSums = [f64; 4];
-
 /// Scalars rounded once to the compute type.
 struct Consts<F> {
     b1: F,
@@ -104,6 +105,17 @@ impl AdamPKernel {
 }
 
 impl<F: Real> Consts<F> {
+    /// u at one element; the gradient is read only with Nesterov (`NEST` is fixed per loop).
+    #[inline(always)]
+    fn u_at<P: Elem<Math = F>, const NEST: bool>(&self, mi: F, vi: F, g: &P) -> F {
+        let denom = vi.sqrt() / self.bc2s + self.eps;
+        if NEST {
+            (self.b1 * mi + self.one_b1 * (g.load() * self.gs)) / denom
+        } else {
+            mi / denom
+        }
+    }
+
     /// The Adam direction u from the updated m, v (identical in both passes).
     #[inline(always)]
     fn u(&self, mi: F, vi: F, gi: F) -> F {
@@ -118,7 +130,7 @@ impl<F: Real> Consts<F> {
 
 impl Kernel for AdamPKernel {
     /// The unprojected step (tensors of rank < 2).
-    #[inline]
+    #[inline(always)]
     fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
         let c = self.consts::<P::Math>();
         let decay = self.decay(1.0).map(<P::Math as Real>::of);
@@ -171,31 +183,47 @@ impl Kernel for AdamPKernel {
                 }
             };
             sums.clear();
-            sums.resize(rows, [0.0; 4]);
+            sums.resize(rows, [0.0; 3]);
             let c = self.consts::<P::Math>();
             let leaf = leaf_len(n);
             pass1(&c, p, g, m, v, sums, row_len, leaf);
-            let proj = self.decide(sums, row_len, n);
+            let mut proj = self.decide(sums, row_len, n);
+            if let Some(Proj::Layer { norm, coef }) = &mut proj {
+                // Σ p̂·u over the whole tensor needs every u before any p changes.
+                let pu = if self.nesterov {
+                    dot_pu::<P, true>(&c, p, g, m, v)
+                } else {
+                    dot_pu::<P, false>(&c, p, g, m, v)
+                };
+                *coef = pu / (*norm + self.eps);
+            }
             let r = if proj.is_some() { self.wd_ratio } else { 1.0 };
             let decay = self.decay(r).map(<P::Math as Real>::of);
-            pass2(&c, p, g, m, v, sums, row_len, leaf, proj, decay, self.eps);
+            let eps = self.eps;
+            if self.nesterov {
+                pass2::<P, true>(&c, p, g, m, v, sums, row_len, leaf, proj, decay, eps);
+            } else {
+                pass2::<P, false>(&c, p, g, m, v, sums, row_len, leaf, proj, decay, eps);
+            }
         });
     }
 }
 
+/// Per-row sums of pass 1: g·p, g·g, p·p (f64).
+type RowSums = [f64; 3];
+
 /// Which view the projection uses.
 #[derive(Clone, Copy, Debug)]
 enum Proj {
+    /// Per row j: u ← u − p̂_j (p̂_j·u_j), p̂_j = p_j/(‖p_j‖ + eps).
     Channel,
-    /// The layer view, with the whole-tensor norm of p and Σ p·u.
-    Layer {
-        norm: f64,
-        pu: f64,
-    },
+    /// Whole tensor: u ← u − p̂ (p̂·u), with ‖p‖ and the coefficient p̂·u.
+    Layer { norm: f64, coef: f64 },
 }
 
 impl AdamPKernel {
-    /// The reference's `_projection` decision: channel view first, then layer view.
+    /// The reference's `_projection` decision: channel view first, then layer view, with
+    /// `F.cosine_similarity`'s per-vector norm floor at eps, |cos| and the maximum over rows.
     fn decide(&self, sums: &[RowSums], row_len: usize, n: usize) -> Option<Proj> {
         let eps = self.eps;
         let cos = |s: &RowSums| s[0].abs() / (s[1].sqrt().max(eps) * s[2].sqrt().max(eps));
@@ -210,18 +238,33 @@ impl AdamPKernel {
                     }
                 },
             );
+        let total = sums
+            .iter()
+            .fold([0.0; 3], |a, s| [a[0] + s[0], a[1] + s[1], a[2] + s[2]]);
         if max_cos < self.delta / (row_len as f64).sqrt() {
-            return Some(Proj::Channel);
+            // A single row is the whole tensor: use the layer form, which splits over threads.
+            return Some(if sums.len() == 1 {
+                Proj::Layer {
+                    norm: total[2].sqrt(),
+                    coef: 0.0,
+                }
+            } else {
+                Proj::Channel
+            });
         }
-        let total = sums.iter().fold([0.0; 4], |a, s| {
-            [a[0] + s[0], a[1] + s[1], a[2] + s[2], a[3] + s[3]]
-        });
         (cos(&total) < self.delta / (n as f64).sqrt()).then(|| Proj::Layer {
             norm: total[2].sqrt(),
-            pu: total[3],
+            coef: 0.0,
         })
     }
 }
+
+/// Independent accumulators per sum, so the f64 reductions vectorize.
+const LANES: usize = 16;
+
+/// Rows up to this length keep their u on the stack between the two halves of a projected
+/// row (Σ p·u, then the update); longer rows compute u twice.
+const ROW_BUF: usize = 4096;
 
 /// Pass 1 over whole rows: update m, v and accumulate the row sums.
 #[allow(clippy::too_many_arguments)]
@@ -248,68 +291,198 @@ fn pass1<P: Elem>(
             || pass1(c, pr, gr, mr, vr, sr, row_len, leaf),
         );
     } else if rows == 1 {
-        // A fixed split tree, so the row sums do not depend on the number of threads.
-        sums[0] = row_pass1(c, p, g, m, v, REDUCE_GRAIN);
+        sums[0] = row_pass1(c, p, g, m, v);
     } else {
-        for (r, s) in sums.iter_mut().enumerate() {
-            let a = r * row_len;
-            let b = a + row_len;
-            *s = row_pass1(
-                c,
-                &p[a..b],
-                &g[a..b],
-                &mut m[a..b],
-                &mut v[a..b],
-                usize::MAX,
-            );
-        }
+        simd::run(Pass1 {
+            c,
+            p,
+            g,
+            m,
+            v,
+            sums,
+            row_len,
+        });
     }
 }
 
-/// Pass 1 on (part of) one row, split over threads beyond `leaf` elements with a fixed tree.
+/// Pass 1 on (part of) one long row, split over threads with a fixed tree so the sums do not
+/// depend on the number of threads.
 fn row_pass1<P: Elem>(
     c: &Consts<P::Math>,
     p: &[P],
     g: &[P],
     m: &mut [P::Math],
     v: &mut [P::Math],
-    leaf: usize,
 ) -> RowSums {
     let n = p.len();
-    if n > leaf {
+    if n > REDUCE_GRAIN {
         let mid = split_point(n);
         let (pl, pr) = p.split_at(mid);
         let (gl, gr) = g.split_at(mid);
         let (ml, mr) = m.split_at_mut(mid);
         let (vl, vr) = v.split_at_mut(mid);
         let (a, b) = rayon::join(
-            || row_pass1(c, pl, gl, ml, vl, leaf),
-            || row_pass1(c, pr, gr, mr, vr, leaf),
+            || row_pass1(c, pl, gl, ml, vl),
+            || row_pass1(c, pr, gr, mr, vr),
         );
-        return [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]];
+        return [a[0] + b[0], a[1] + b[1], a[2] + b[2]];
     }
-    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
-    let mut acc = [0f64; 4];
-    for i in 0..n {
-        let gi = g[i].load() * c.gs;
-        let pi = p[i].load();
-        let mi = m[i] * c.b1 + c.one_b1 * gi;
-        let vi = v[i] * c.b2 + c.one_b2 * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        let u = c.u(mi, vi, gi).f64();
-        let (gf, pf) = (gi.f64(), pi.f64());
-        acc[0] += gf * pf;
-        acc[1] += gf * gf;
-        acc[2] += pf * pf;
-        acc[3] += pf * u;
-    }
-    acc
+    let mut sums = [[0.0; 3]];
+    simd::run(Pass1 {
+        c,
+        p,
+        g,
+        m,
+        v,
+        sums: &mut sums,
+        row_len: n,
+    });
+    sums[0]
 }
 
-/// Pass 2 over whole rows: recompute u, project it, decay and step p.
+/// Pass 1 over consecutive rows (one leaf), compiled per SIMD level.
+struct Pass1<'a, P: Elem> {
+    c: &'a Consts<P::Math>,
+    p: &'a [P],
+    g: &'a [P],
+    m: &'a mut [P::Math],
+    v: &'a mut [P::Math],
+    sums: &'a mut [RowSums],
+    row_len: usize,
+}
+
+impl<P: Elem> simd::Task for Pass1<'_, P> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        let Pass1 {
+            c,
+            p,
+            g,
+            m,
+            v,
+            sums,
+            row_len,
+        } = self;
+        for (r, out) in sums.iter_mut().enumerate() {
+            let a = r * row_len;
+            let (p, g) = (&p[a..a + row_len], &g[a..a + row_len]);
+            let (m, v) = (&mut m[a..a + row_len], &mut v[a..a + row_len]);
+            let mut acc = [[0f64; LANES]; 3];
+            let chunks = p
+                .chunks_exact(LANES)
+                .zip(g.chunks_exact(LANES))
+                .zip(m.chunks_exact_mut(LANES).zip(v.chunks_exact_mut(LANES)));
+            for ((p, g), (m, v)) in chunks {
+                pass1_lanes(c, p, g, m, v, &mut acc);
+            }
+            let full = row_len / LANES * LANES;
+            pass1_lanes(
+                c,
+                &p[full..],
+                &g[full..],
+                &mut m[full..],
+                &mut v[full..],
+                &mut acc,
+            );
+            *out = acc.map(|lanes| lanes.iter().sum());
+        }
+    }
+}
+
+/// Pass 1 on at most [`LANES`] elements, element `l` into lane `l` of the sums.
+#[inline(always)]
+fn pass1_lanes<P: Elem>(
+    c: &Consts<P::Math>,
+    p: &[P],
+    g: &[P],
+    m: &mut [P::Math],
+    v: &mut [P::Math],
+    acc: &mut [[f64; LANES]; 3],
+) {
+    let n = p.len().min(LANES);
+    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+    for l in 0..n {
+        let gi = g[l].load() * c.gs;
+        let mi = m[l] * c.b1 + c.one_b1 * gi;
+        let vi = v[l] * c.b2 + c.one_b2 * gi * gi;
+        m[l] = mi;
+        v[l] = vi;
+        let (gf, pf) = (gi.f64(), p[l].load().f64());
+        acc[0][l] += gf * pf;
+        acc[1][l] += gf * gf;
+        acc[2][l] += pf * pf;
+    }
+}
+
+/// Σ p·u over `p` (f64), with u from the updated m, v.
+#[inline(always)]
+fn dot_pu_lanes<P: Elem, const NEST: bool>(
+    c: &Consts<P::Math>,
+    p: &[P],
+    g: &[P],
+    m: &[P::Math],
+    v: &[P::Math],
+) -> f64 {
+    let mut acc = [0f64; LANES];
+    let n = p.len();
+    let full = n / LANES * LANES;
+    let chunks = p
+        .chunks_exact(LANES)
+        .zip(g.chunks_exact(LANES))
+        .zip(m.chunks_exact(LANES).zip(v.chunks_exact(LANES)));
+    for ((p, g), (m, v)) in chunks {
+        for l in 0..LANES {
+            let u = c.u_at::<P, NEST>(m[l], v[l], &g[l]);
+            acc[l] += p[l].load().f64() * u.f64();
+        }
+    }
+    for (l, i) in (full..n).enumerate() {
+        let u = c.u_at::<P, NEST>(m[i], v[i], &g[i]);
+        acc[l] += p[i].load().f64() * u.f64();
+    }
+    acc.iter().sum()
+}
+
+struct DotPu<'a, P: Elem, const NEST: bool> {
+    c: &'a Consts<P::Math>,
+    p: &'a [P],
+    g: &'a [P],
+    m: &'a [P::Math],
+    v: &'a [P::Math],
+}
+
+impl<P: Elem, const NEST: bool> simd::Task for DotPu<'_, P, NEST> {
+    type Out = f64;
+    #[inline(always)]
+    fn run(self) -> f64 {
+        dot_pu_lanes::<P, NEST>(self.c, self.p, self.g, self.m, self.v)
+    }
+}
+
+/// Σ p·u over a whole tensor, with a fixed split tree.
+fn dot_pu<P: Elem, const NEST: bool>(
+    c: &Consts<P::Math>,
+    p: &[P],
+    g: &[P],
+    m: &[P::Math],
+    v: &[P::Math],
+) -> f64 {
+    let n = p.len();
+    if n > REDUCE_GRAIN {
+        let mid = split_point(n);
+        let (a, b) = rayon::join(
+            || dot_pu::<P, NEST>(c, &p[..mid], &g[..mid], &m[..mid], &v[..mid]),
+            || dot_pu::<P, NEST>(c, &p[mid..], &g[mid..], &m[mid..], &v[mid..]),
+        );
+        return a + b;
+    }
+    simd::run(DotPu::<P, NEST> { c, p, g, m, v })
+}
+
+/// Pass 2 over whole rows: u (projected), decay and step p.
 #[allow(clippy::too_many_arguments)]
-fn pass2<P: Elem>(
+fn pass2<P: Elem, const NEST: bool>(
     c: &Consts<P::Math>,
     p: &mut [P],
     g: &[P],
@@ -323,7 +496,7 @@ fn pass2<P: Elem>(
     eps: f64,
 ) {
     let rows = sums.len();
-    if rows >= 2 && p.len() > leaf {
+    if p.len() > leaf && rows >= 2 {
         let mid = (rows / 2) * row_len;
         let (pl, pr) = p.split_at_mut(mid);
         let (gl, gr) = g.split_at(mid);
@@ -331,81 +504,127 @@ fn pass2<P: Elem>(
         let (vl, vr) = v.split_at(mid);
         let (sl, sr) = sums.split_at(rows / 2);
         rayon::join(
-            || pass2(c, pl, gl, ml, vl, sl, row_len, leaf, proj, decay, eps),
-            || pass2(c, pr, gr, mr, vr, sr, row_len, leaf, proj, decay, eps),
+            || pass2::<P, NEST>(c, pl, gl, ml, vl, sl, row_len, leaf, proj, decay, eps),
+            || pass2::<P, NEST>(c, pr, gr, mr, vr, sr, row_len, leaf, proj, decay, eps),
         );
         return;
     }
-    for (r, s) in sums.iter().enumerate() {
-        // Projector p̂ = p/(‖p‖ + eps) (eps added, not a clamp) and Σ p̂·u.
-        let (pn_div, coef) = match proj {
-            None => (1.0, 0.0),
-            Some(Proj::Channel) => {
-                let d = s[2].sqrt() + eps;
-                (d, s[3] / d)
-            }
-            Some(Proj::Layer { norm, pu }) => {
-                let d = norm + eps;
-                (d, pu / d)
-            }
-        };
-        let (pn_div, coef) = (<P::Math as Real>::of(pn_div), <P::Math as Real>::of(coef));
-        let a = r * row_len;
-        let b = a + row_len;
-        row_pass2(
-            c,
-            &mut p[a..b],
-            &g[a..b],
-            &m[a..b],
-            &v[a..b],
-            proj.is_some(),
-            pn_div,
-            coef,
-            decay,
-            if rows == 1 { leaf } else { usize::MAX },
-        );
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn row_pass2<P: Elem>(
-    c: &Consts<P::Math>,
-    p: &mut [P],
-    g: &[P],
-    m: &[P::Math],
-    v: &[P::Math],
-    project: bool,
-    pn_div: P::Math,
-    coef: P::Math,
-    decay: Option<P::Math>,
-    leaf: usize,
-) {
-    let n = p.len();
-    if n > leaf {
+    if rows == 1 && p.len() > leaf {
+        // One long row (never `Channel`: see `decide`): element-wise, so split it.
+        let n = p.len();
         let mid = split_point(n);
         let (pl, pr) = p.split_at_mut(mid);
         let (gl, gr) = g.split_at(mid);
         let (ml, mr) = m.split_at(mid);
         let (vl, vr) = v.split_at(mid);
         rayon::join(
-            || row_pass2(c, pl, gl, ml, vl, project, pn_div, coef, decay, leaf),
-            || row_pass2(c, pr, gr, mr, vr, project, pn_div, coef, decay, leaf),
+            || pass2::<P, NEST>(c, pl, gl, ml, vl, sums, mid, leaf, proj, decay, eps),
+            || pass2::<P, NEST>(c, pr, gr, mr, vr, sums, n - mid, leaf, proj, decay, eps),
         );
         return;
     }
-    let (g, m, v) = (&g[..n], &m[..n], &v[..n]);
-    for i in 0..n {
-        let pi = p[i].load();
-        let gi = g[i].load() * c.gs;
-        let mut u = c.u(m[i], v[i], gi);
-        if project {
-            u = u - (pi / pn_div) * coef;
+    simd::run(Pass2::<P, NEST> {
+        c,
+        p,
+        g,
+        m,
+        v,
+        sums,
+        row_len,
+        proj,
+        decay,
+        eps,
+    });
+}
+
+/// Pass 2 over consecutive rows (one leaf), compiled per SIMD level.
+struct Pass2<'a, P: Elem, const NEST: bool> {
+    c: &'a Consts<P::Math>,
+    p: &'a mut [P],
+    g: &'a [P],
+    m: &'a [P::Math],
+    v: &'a [P::Math],
+    sums: &'a [RowSums],
+    row_len: usize,
+    proj: Option<Proj>,
+    decay: Option<P::Math>,
+    eps: f64,
+}
+
+impl<P: Elem, const NEST: bool> simd::Task for Pass2<'_, P, NEST> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        let Pass2 {
+            c,
+            p,
+            g,
+            m,
+            v,
+            sums,
+            row_len,
+            proj,
+            decay,
+            eps,
+        } = self;
+        let of = <P::Math as Real>::of;
+        let decay = decay.unwrap_or(<P::Math as Real>::ONE);
+        let mut buf = [<P::Math as Real>::ZERO; ROW_BUF];
+        for (r, s) in sums.iter().enumerate() {
+            let a = r * row_len;
+            let n = row_len.min(p.len() - a);
+            let (p, g, m, v) = (&mut p[a..a + n], &g[a..a + n], &m[a..a + n], &v[a..a + n]);
+            match proj {
+                None => {
+                    for i in 0..n {
+                        let u = c.u_at::<P, NEST>(m[i], v[i], &g[i]);
+                        p[i] = P::store(p[i].load() * decay + c.neg_ss * u);
+                    }
+                }
+                Some(Proj::Layer { norm, coef }) => {
+                    let (inv, coef) = (of(1.0 / (norm + eps)), of(coef));
+                    for i in 0..n {
+                        let pi = p[i].load();
+                        let u = c.u_at::<P, NEST>(m[i], v[i], &g[i]) - (pi * inv) * coef;
+                        p[i] = P::store(pi * decay + c.neg_ss * u);
+                    }
+                }
+                Some(Proj::Channel) => {
+                    let d = s[2].sqrt() + eps;
+                    let inv = of(1.0 / d);
+                    if n <= ROW_BUF {
+                        // u once, kept on the stack between Σ p·u and the update.
+                        let buf = &mut buf[..n];
+                        let mut acc = [0f64; LANES];
+                        for (i, b) in buf.iter_mut().enumerate() {
+                            *b = c.u_at::<P, NEST>(m[i], v[i], &g[i]);
+                        }
+                        let full = n / LANES * LANES;
+                        for base in (0..full).step_by(LANES) {
+                            for l in 0..LANES {
+                                acc[l] += p[base + l].load().f64() * buf[base + l].f64();
+                            }
+                        }
+                        for (l, i) in (full..n).enumerate() {
+                            acc[l] += p[i].load().f64() * buf[i].f64();
+                        }
+                        let coef = of(acc.iter().sum::<f64>() / d);
+                        for i in 0..n {
+                            let pi = p[i].load();
+                            let u = buf[i] - (pi * inv) * coef;
+                            p[i] = P::store(pi * decay + c.neg_ss * u);
+                        }
+                    } else {
+                        let coef = of(dot_pu_lanes::<P, NEST>(c, p, g, m, v) / d);
+                        for i in 0..n {
+                            let pi = p[i].load();
+                            let u = c.u_at::<P, NEST>(m[i], v[i], &g[i]) - (pi * inv) * coef;
+                            p[i] = P::store(pi * decay + c.neg_ss * u);
+                        }
+                    }
+                }
+            }
         }
-        let pd = match decay {
-            Some(d) => pi * d,
-            None => pi,
-        };
-        p[i] = P::store(pd + c.neg_ss * u);
     }
 }
 
@@ -438,6 +657,17 @@ impl Algorithm for AdamPConfig {
     }
     fn slots(&self) -> &'static [&'static str] {
         &["exp_avg", "exp_avg_sq"]
+    }
+
+    /// Rank ≥ 2: pass 1 reads p, g, m, v and writes m, v; pass 2 reads p, m, v (and g with
+    /// Nesterov) and writes p: 40 B per f32 element (44 with Nesterov). Vectors: one pass, 28 B.
+    fn traffic_bytes(&self, numel: usize, rank: usize, pb: usize) -> usize {
+        let one_pass = numel * (3 * pb + 16);
+        if rank < 2 {
+            one_pass
+        } else {
+            one_pass + numel * (2 * pb + 8 + if self.nesterov { pb } else { 0 })
+        }
     }
 
     fn kernel(&self, meta: &ParamMeta<'_>, _: &(), _: &(), grad_scale: f64) -> AdamPKernel {

@@ -52,7 +52,7 @@ pub struct AdamWKernel {
 }
 
 impl Kernel for AdamWKernel {
-    #[inline]
+    #[inline(always)]
     fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
         let of = <P::Math as Real>::of;
         // torch's lerp forms 1 - w in the compute type from the rounded w.

@@ -66,7 +66,7 @@ pub struct AdanKernel {
 }
 
 impl Kernel for AdanKernel {
-    #[inline]
+    #[inline(always)]
     fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
         let of = <P::Math as Real>::of;
         let (b1, one_b1) = (of(self.beta1), of(1.0 - self.beta1));

@@ -47,7 +47,7 @@ pub struct DiffGradKernel {
 }
 
 impl Kernel for DiffGradKernel {
-    #[inline]
+    #[inline(always)]
     fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
         let of = <P::Math as Real>::of;
         let one = <P::Math as Real>::ONE;
@@ -74,7 +74,7 @@ impl Kernel for DiffGradKernel {
             let mi = m[i] * b1 + one_b1 * gi;
             let vi = v[i] * b2 + one_b2 * gi * gi;
             let denom = vi.sqrt() + eps;
-            let dfc = one / (one + (-(gp[i] - gi).abs()).exp());
+            let dfc = one / (one + (-(gp[i] - gi).abs()).exp_v());
             m[i] = mi;
             v[i] = vi;
             gp[i] = gi;

@@ -42,7 +42,7 @@ pub struct LionKernel {
 }
 
 impl Kernel for LionKernel {
-    #[inline]
+    #[inline(always)]
     fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
         let of = <P::Math as Real>::of;
         let (decay, neg_lr, gs) = (of(self.decay), of(-self.lr), of(self.grad_scale));

@@ -86,7 +86,7 @@ pub struct SgdSaiKernel {
 }
 
 impl Kernel for SgdSaiKernel {
-    #[inline]
+    #[inline(always)]
     fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
         let of = <P::Math as Real>::of;
         let (decay, neg_s, gs) = (of(self.decay), of(-self.step_size), of(self.grad_scale));

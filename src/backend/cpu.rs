@@ -5,7 +5,7 @@
 //! through a nested `inplace_op1`, so that the innermost call holds `&mut` to the parameter and
 //! every slot at once and runs the single loop. No shared reference is ever written through.
 
-use super::Work;
+use super::{simd, Work};
 use crate::algorithm::{Kernel, Slots};
 use crate::elem::{Elem, Real};
 use crate::error::{Error, Result};
@@ -160,6 +160,22 @@ fn split_slots<'a, F>(s: Slots<'a, F>, mid: usize) -> (Slots<'a, F>, Slots<'a, F
     (l, r)
 }
 
+/// One leaf of the element-wise pass, compiled per SIMD level.
+struct Apply<'a, 'b, K, P: Elem> {
+    k: &'a K,
+    p: &'a mut [P],
+    g: &'a [P],
+    s: &'a mut Slots<'b, P::Math>,
+}
+
+impl<K: Kernel, P: Elem> simd::Task for Apply<'_, '_, K, P> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        self.k.apply(self.p, self.g, self.s);
+    }
+}
+
 /// Applies `k` to a whole tensor, split into runs of at least [`GRAIN`] elements over the
 /// current rayon pool (run inline when the pool has one thread).
 pub fn par_apply<K: Kernel, P: Elem>(k: &K, p: &mut [P], g: &[P], s: Slots<'_, P::Math>) {
@@ -186,7 +202,7 @@ fn apply_rec<K: Kernel, P: Elem>(
     leaf: usize,
 ) {
     if p.len() <= leaf {
-        k.apply(p, g, &mut s);
+        simd::run(Apply { k, p, g, s: &mut s });
         return;
     }
     let mid = split_point(p.len());
@@ -220,43 +236,83 @@ pub fn par_reduce<T: Sync, R: Send>(
     combine(a, b)
 }
 
-/// Σx and Σx² in f64, eight independent lanes so the loop vectorizes.
-fn sum_and_sq<P: Elem>(x: &[P]) -> (f64, f64) {
-    let mut s = [0f64; 8];
-    let mut q = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for i in 0..8 {
-            let v = c[i].load().f64();
+/// Independent accumulators per sum, so the f64 reductions vectorize.
+const LANES: usize = 16;
+
+/// Σx² in f64 (one leaf of a reduction).
+struct SumSq<'a, P>(&'a [P]);
+
+impl<P: Elem> simd::Task for SumSq<'_, P> {
+    type Out = f64;
+    #[inline(always)]
+    fn run(self) -> f64 {
+        let mut q = [0f64; LANES];
+        let chunks = self.0.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                let v = c[i].load().f64();
+                q[i] += v * v;
+            }
+        }
+        for (i, v) in tail.iter().enumerate() {
+            let v = v.load().f64();
+            q[i] += v * v;
+        }
+        q.iter().sum()
+    }
+}
+
+/// Σx and Σx² in f64 (one leaf of a reduction).
+struct SumAndSq<'a, P>(&'a [P]);
+
+impl<P: Elem> simd::Task for SumAndSq<'_, P> {
+    type Out = (f64, f64);
+    #[inline(always)]
+    fn run(self) -> (f64, f64) {
+        let mut s = [0f64; LANES];
+        let mut q = [0f64; LANES];
+        let chunks = self.0.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                let v = c[i].load().f64();
+                s[i] += v;
+                q[i] += v * v;
+            }
+        }
+        for (i, v) in tail.iter().enumerate() {
+            let v = v.load().f64();
             s[i] += v;
             q[i] += v * v;
         }
+        (s.iter().sum(), q.iter().sum())
     }
-    for (i, v) in tail.iter().enumerate() {
-        let v = v.load().f64();
-        s[i] += v;
-        q[i] += v * v;
-    }
-    (s.iter().sum(), q.iter().sum())
 }
 
-/// Σ(x - mean)² in f64.
-fn centered_sq<P: Elem>(x: &[P], mean: f64) -> f64 {
-    let mut q = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for i in 0..8 {
-            let d = c[i].load().f64() - mean;
+/// Σ(x − mean)² in f64 (one leaf of the second pass of a two-pass variance).
+struct CenteredSq<'a, P>(&'a [P], f64);
+
+impl<P: Elem> simd::Task for CenteredSq<'_, P> {
+    type Out = f64;
+    #[inline(always)]
+    fn run(self) -> f64 {
+        let mean = self.1;
+        let mut q = [0f64; LANES];
+        let chunks = self.0.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                let d = c[i].load().f64() - mean;
+                q[i] += d * d;
+            }
+        }
+        for (i, v) in tail.iter().enumerate() {
+            let d = v.load().f64() - mean;
             q[i] += d * d;
         }
+        q.iter().sum()
     }
-    for (i, v) in tail.iter().enumerate() {
-        let d = v.load().f64() - mean;
-        q[i] += d * d;
-    }
-    q.iter().sum()
 }
 
 fn add2(a: (f64, f64), b: (f64, f64)) -> (f64, f64) {
@@ -275,19 +331,28 @@ pub struct GradStats {
 }
 
 fn stats_of<P: Elem>(x: &[P], centered: bool) -> GradStats {
-    let (s, q) = par_reduce(x, &sum_and_sq::<P>, &add2);
-    let c = centered.then(|| {
-        let mean = if x.is_empty() {
-            0.0
-        } else {
-            s / x.len() as f64
+    let add = |a: f64, b: f64| a + b;
+    if !centered {
+        return GradStats {
+            n: x.len(),
+            sum_sq: par_reduce(x, &|c: &[P]| simd::run(SumSq(c)), &add),
+            centered_sq: None,
         };
-        par_reduce(x, &|c: &[P]| centered_sq(c, mean), &|a, b| a + b)
-    });
+    }
+    let (s, q) = par_reduce(x, &|c: &[P]| simd::run(SumAndSq(c)), &add2);
+    let mean = if x.is_empty() {
+        0.0
+    } else {
+        s / x.len() as f64
+    };
     GradStats {
         n: x.len(),
         sum_sq: q,
-        centered_sq: c,
+        centered_sq: Some(par_reduce(
+            x,
+            &|c: &[P]| simd::run(CenteredSq(c, mean)),
+            &add,
+        )),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Execution of the fused update on each device.
 
 pub mod cpu;
+pub mod simd;
 
 use crate::algorithm::Kernel;
 use crate::error::{Error, Result};

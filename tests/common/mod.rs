@@ -49,7 +49,11 @@ pub fn table() -> Vec<Entry> {
             state_bytes: 4,
             invalid: with(
                 bad_common(),
-                vec![json!({"momentum": 1.0}), json!({"momentum": -0.5}), json!({"eps": -1e-8})],
+                vec![
+                    json!({"momentum": 1.0}),
+                    json!({"momentum": -0.5}),
+                    json!({"eps": -1e-8}),
+                ],
             ),
         },
         Entry {
@@ -64,7 +68,10 @@ pub fn table() -> Vec<Entry> {
             label: "adamw",
             hyper: json!({}),
             state_bytes: 8,
-            invalid: with(with(bad_common(), bad_betas2()), vec![json!({"eps": -1e-8})]),
+            invalid: with(
+                with(bad_common(), bad_betas2()),
+                vec![json!({"eps": -1e-8})],
+            ),
         },
         Entry {
             algo: Algo::AdamW,
@@ -78,14 +85,20 @@ pub fn table() -> Vec<Entry> {
             label: "adamp",
             hyper: json!({"weight_decay": 0.01}),
             state_bytes: 8,
-            invalid: with(with(bad_common(), bad_betas2()), vec![json!({"eps": -1.0}), json!({"delta": -0.1})]),
+            invalid: with(
+                with(bad_common(), bad_betas2()),
+                vec![json!({"eps": -1.0}), json!({"delta": -0.1})],
+            ),
         },
         Entry {
             algo: Algo::AdaBelief,
             label: "adabelief",
             hyper: json!({}),
             state_bytes: 8,
-            invalid: with(with(bad_common(), bad_betas2()), vec![json!({"eps": -1e-16})]),
+            invalid: with(
+                with(bad_common(), bad_betas2()),
+                vec![json!({"eps": -1e-16})],
+            ),
         },
         Entry {
             algo: Algo::AdaBelief,
@@ -99,7 +112,10 @@ pub fn table() -> Vec<Entry> {
             label: "diffgrad",
             hyper: json!({"weight_decay": 0.01}),
             state_bytes: 12,
-            invalid: with(with(bad_common(), bad_betas2()), vec![json!({"eps": -1e-8})]),
+            invalid: with(
+                with(bad_common(), bad_betas2()),
+                vec![json!({"eps": -1e-8})],
+            ),
         },
         Entry {
             algo: Algo::Adan,
@@ -150,7 +166,12 @@ pub fn named_vars(shapes: &[&[usize]], dtype: DType) -> Vec<(String, Var)> {
     shapes
         .iter()
         .enumerate()
-        .map(|(i, s)| (format!("p{i}"), Var::from_tensor(&tensor(100 + i as u64, s, dtype)).unwrap()))
+        .map(|(i, s)| {
+            (
+                format!("p{i}"),
+                Var::from_tensor(&tensor(100 + i as u64, s, dtype)).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -163,7 +184,11 @@ pub fn snapshot(opt: &dyn Optimizer, vars: &[(String, Var)]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     let bytes = |t: &Tensor| -> Vec<u8> {
         let t = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
-        t.to_vec1::<f64>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect()
+        t.to_vec1::<f64>()
+            .unwrap()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
     };
     for (name, v) in vars {
         out.push(bytes(v.as_tensor()));

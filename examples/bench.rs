@@ -1,0 +1,408 @@
+//! Side-by-side step benchmark, in one process and one run: a STREAM-style copy and triad,
+//! every optimizer's fused step, and `candle_nn::optim::AdamW`, on the GPT-2-small parameter
+//! shapes (124.4M f32) and on a 10M-parameter set, with 1 and 2 threads.
+//!
+//! ```text
+//! cargo run --release --example bench -- [--sets gpt2,10m] [--threads 1,2] [--steps 10]
+//!     [--json bench.json] [--torch [PYTHON]] [--skip-candle-nn]
+//! ```
+//!
+//! Effective GB/s is the bytes each step must move (`Optimizer::step_traffic_bytes`: params,
+//! grads and state, read and written) over the median time; "% triad" compares it with the
+//! triad measured in the same run with the same threads. With `--torch`, `scripts/bench_torch.py`
+//! runs `torch.optim.AdamW` (fused, foreach, for-loop) and `torch.optim.SGD(momentum=0.9)` on
+//! the same shapes and threads, and its rows join the table.
+
+mod common;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use candle_optim::backend::simd;
+use candle_optim::{Algo, NonFinitePolicy};
+use clap::Parser;
+use rayon::prelude::*;
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(about = "Optimizer step benchmark (CPU), side by side")]
+struct Args {
+    /// Parameter sets: gpt2 (GPT-2 small, 124.4M) and/or 10m.
+    #[arg(long, default_value = "gpt2,10m", value_delimiter = ',')]
+    sets: Vec<String>,
+    /// Thread counts.
+    #[arg(long, default_value = "1,2", value_delimiter = ',')]
+    threads: Vec<usize>,
+    /// Timed steps per measurement (after 2 warm-up steps).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Optimizers to run (default: all seven).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Write the rows as JSON here.
+    #[arg(long)]
+    json: Option<String>,
+    /// Also run scripts/bench_torch.py with this python (default: python3).
+    #[arg(long, num_args = 0..=1, default_missing_value = "python3")]
+    torch: Option<String>,
+    /// Leave out candle-nn's AdamW (slow: seconds per step on GPT-2 small).
+    #[arg(long)]
+    skip_candle_nn: bool,
+}
+
+#[derive(Serialize, Clone, Debug)]
+struct Row {
+    set: String,
+    threads: usize,
+    name: String,
+    ms_median: f64,
+    ms_min: f64,
+    ms_max: f64,
+    bytes: usize,
+    gbps: f64,
+    pct_triad: f64,
+    speedup_vs_candle_nn: Option<f64>,
+}
+
+/// GPT-2 small: 124,439,808 parameters.
+fn gpt2_small() -> Vec<(String, Vec<usize>)> {
+    let mut s = vec![
+        ("wte".into(), vec![50257, 768]),
+        ("wpe".into(), vec![1024, 768]),
+    ];
+    for l in 0..12 {
+        for (n, sh) in [
+            ("ln_1.weight", vec![768]),
+            ("ln_1.bias", vec![768]),
+            ("attn.c_attn.weight", vec![768, 2304]),
+            ("attn.c_attn.bias", vec![2304]),
+            ("attn.c_proj.weight", vec![768, 768]),
+            ("attn.c_proj.bias", vec![768]),
+            ("ln_2.weight", vec![768]),
+            ("ln_2.bias", vec![768]),
+            ("mlp.c_fc.weight", vec![768, 3072]),
+            ("mlp.c_fc.bias", vec![3072]),
+            ("mlp.c_proj.weight", vec![3072, 768]),
+            ("mlp.c_proj.bias", vec![768]),
+        ] {
+            s.push((format!("h.{l}.{n}"), sh));
+        }
+    }
+    s.push(("ln_f.weight".into(), vec![768]));
+    s.push(("ln_f.bias".into(), vec![768]));
+    s
+}
+
+/// A 10,010,624-parameter GPT-style set (vocab 20000, width 256, 6 blocks).
+fn ten_m() -> Vec<(String, Vec<usize>)> {
+    let mut s = vec![
+        ("wte".into(), vec![20000, 256]),
+        ("wpe".into(), vec![512, 256]),
+    ];
+    for l in 0..6 {
+        for (n, sh) in [
+            ("ln_1.weight", vec![256]),
+            ("ln_1.bias", vec![256]),
+            ("attn.c_attn.weight", vec![256, 768]),
+            ("attn.c_attn.bias", vec![768]),
+            ("attn.c_proj.weight", vec![256, 256]),
+            ("attn.c_proj.bias", vec![256]),
+            ("ln_2.weight", vec![256]),
+            ("ln_2.bias", vec![256]),
+            ("mlp.c_fc.weight", vec![256, 1024]),
+            ("mlp.c_fc.bias", vec![1024]),
+            ("mlp.c_proj.weight", vec![1024, 256]),
+            ("mlp.c_proj.bias", vec![256]),
+        ] {
+            s.push((format!("h.{l}.{n}"), sh));
+        }
+    }
+    s
+}
+
+fn stats(ms: &[f64]) -> (f64, f64, f64) {
+    let min = ms.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = ms.iter().cloned().fold(0.0, f64::max);
+    (common::median(ms), min, max)
+}
+
+struct Triad<'a> {
+    a: &'a mut [f32],
+    b: &'a [f32],
+    c: &'a [f32],
+    s: f32,
+}
+
+impl simd::Task for Triad<'_> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        for ((a, b), c) in self.a.iter_mut().zip(self.b).zip(self.c) {
+            *a = b + self.s * c;
+        }
+    }
+}
+
+struct Copy<'a> {
+    a: &'a mut [f32],
+    b: &'a [f32],
+}
+
+impl simd::Task for Copy<'_> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        self.a.copy_from_slice(self.b);
+    }
+}
+
+const CHUNK: usize = 1 << 18;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let algos: Vec<Algo> = if args.only.is_empty() {
+        Algo::ALL.to_vec()
+    } else {
+        args.only
+            .iter()
+            .map(|n| Algo::from_name(n).ok_or(format!("unknown optimizer {n}")))
+            .collect::<Result<_, _>>()?
+    };
+    println!(
+        "SIMD level: {:?}; cores: {}",
+        simd::level(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let mut rows: Vec<Row> = Vec::new();
+    for set in &args.sets {
+        let shapes = match set.as_str() {
+            "gpt2" => gpt2_small(),
+            "10m" => ten_m(),
+            other => return Err(format!("unknown set {other}").into()),
+        };
+        let n: usize = shapes
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        println!(
+            "\n== set {set}: {} tensors, {n} parameters ==",
+            shapes.len()
+        );
+        let dev = Device::Cpu;
+        let mut grads = GradStore::default();
+        let vars: Vec<(String, Var)> = shapes
+            .iter()
+            .map(|(name, s)| {
+                let v = Var::from_tensor(&Tensor::randn(0f32, 0.02, s.as_slice(), &dev).unwrap())
+                    .unwrap();
+                grads.insert(
+                    v.as_tensor(),
+                    Tensor::randn(0f32, 1e-3, s.as_slice(), &dev).unwrap(),
+                );
+                (name.clone(), v)
+            })
+            .collect();
+        // Every measurement of one thread count runs round-robin (one step of each per
+        // round), so slow drifts of a shared machine hit all of them alike and the ratios hold.
+        let mut opts: Vec<(String, Box<dyn candle_optim::Optimizer>)> = Vec::new();
+        for &algo in &algos {
+            let hyper = serde_json::json!({"lr": 1e-4, "weight_decay": 0.01});
+            let mut opt = algo.build_json(vars.clone(), &hyper)?;
+            opt.set_non_finite_policy(NonFinitePolicy::Propagate);
+            opts.push((format!("{}_fused", algo.name()), opt));
+            if algo == Algo::AdamW {
+                // The default policy (SkipStep) reads every gradient once more first.
+                let mut opt = algo.build_json(vars.clone(), &hyper)?;
+                opt.set_non_finite_policy(NonFinitePolicy::SkipStep);
+                opts.push(("adamw_fused_skipstep".into(), opt));
+            }
+        }
+        let mut cn = if args.skip_candle_nn {
+            None
+        } else {
+            use candle_nn::optim::Optimizer as _;
+            let vs: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+            Some(candle_nn::optim::AdamW::new(
+                vs,
+                candle_nn::optim::ParamsAdamW {
+                    lr: 1e-4,
+                    ..Default::default()
+                },
+            )?)
+        };
+        let b = vec![1.0f32; n];
+        let c = vec![2.0f32; n];
+        let mut a = vec![0.0f32; n];
+        for &threads in &args.threads {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()?;
+            // names, bytes and per-round times
+            let mut names: Vec<(String, usize)> = vec![
+                ("stream_copy".into(), 8 * n),
+                ("stream_triad".into(), 12 * n),
+            ];
+            names.extend(
+                opts.iter()
+                    .map(|(name, o)| (name.clone(), o.step_traffic_bytes())),
+            );
+            if cn.is_some() {
+                names.push(("candle_nn_adamw".into(), 28 * n));
+            }
+            let mut times: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+            // torch runs before and after ours; its rows take the median of both halves.
+            let torch_before = args
+                .torch
+                .as_ref()
+                .map(|py| run_torch(py, set, threads, args.steps.div_ceil(2)));
+            pool.install(|| {
+                for round in 0..args.steps + 2 {
+                    let mut record = |k: usize, t: Instant| {
+                        if round >= 2 {
+                            times[k].push(t.elapsed().as_secs_f64() * 1e3);
+                        }
+                    };
+                    let t = Instant::now();
+                    a.par_chunks_mut(CHUNK)
+                        .zip(b.par_chunks(CHUNK))
+                        .for_each(|(a, b)| simd::run(Copy { a, b }));
+                    record(0, t);
+                    let t = Instant::now();
+                    a.par_chunks_mut(CHUNK)
+                        .zip(b.par_chunks(CHUNK))
+                        .zip(c.par_chunks(CHUNK))
+                        .for_each(|((a, b), c)| simd::run(Triad { a, b, c, s: 3.0 }));
+                    record(1, t);
+                    for (k, (_, opt)) in opts.iter_mut().enumerate() {
+                        let t = Instant::now();
+                        opt.step(&grads).unwrap();
+                        record(2 + k, t);
+                    }
+                    if let Some(cn) = &mut cn {
+                        use candle_nn::optim::Optimizer as _;
+                        let t = Instant::now();
+                        cn.step(&grads).unwrap();
+                        record(2 + opts.len(), t);
+                    }
+                }
+            });
+            let mut local: Vec<Row> = Vec::new();
+            let mut push = |name: String, ms: Vec<f64>, bytes: usize| {
+                let (med, min, max) = stats(&ms);
+                local.push(Row {
+                    set: set.clone(),
+                    threads,
+                    name,
+                    ms_median: med,
+                    ms_min: min,
+                    ms_max: max,
+                    bytes,
+                    gbps: bytes as f64 / (med * 1e-3) / 1e9,
+                    pct_triad: 0.0,
+                    speedup_vs_candle_nn: None,
+                });
+            };
+            for ((name, bytes), ms) in names.into_iter().zip(times) {
+                push(name, ms, bytes);
+            }
+            if let (Some(py), Some(before)) = (&args.torch, torch_before) {
+                let after = run_torch(py, set, threads, args.steps.div_ceil(2));
+                match (before, after) {
+                    (Ok(b), Ok(a)) => {
+                        for ((name, mut ms, bytes), (_, ms2, _)) in b.into_iter().zip(a) {
+                            ms.extend(ms2);
+                            push(name, ms, bytes);
+                        }
+                    }
+                    (Err(e), _) | (_, Err(e)) => eprintln!("torch comparison skipped: {e}"),
+                }
+            }
+            let triad = local
+                .iter()
+                .find(|r| r.name == "stream_triad")
+                .map_or(f64::NAN, |r| r.gbps);
+            let cnn = local
+                .iter()
+                .find(|r| r.name == "candle_nn_adamw")
+                .map(|r| r.ms_median);
+            for r in &mut local {
+                r.pct_triad = 100.0 * r.gbps / triad;
+                r.speedup_vs_candle_nn = cnn.map(|c| c / r.ms_median);
+            }
+            print_table(&local);
+            rows.extend(local);
+        }
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
+        println!("\nwrote {path}");
+    }
+    Ok(())
+}
+
+fn print_table(rows: &[Row]) {
+    let r0 = &rows[0];
+    println!("\nset {} · {} thread(s)", r0.set, r0.threads);
+    println!(
+        "{:<24} {:>10} {:>19} {:>9} {:>8} {:>10}",
+        "step", "ms (med)", "spread (min–max)", "GB/s", "% triad", "vs cnn"
+    );
+    for r in rows {
+        println!(
+            "{:<24} {:>10.2} {:>9.2} – {:>7.2} {:>9.2} {:>7.1}% {:>10}",
+            r.name,
+            r.ms_median,
+            r.ms_min,
+            r.ms_max,
+            r.gbps,
+            r.pct_triad,
+            r.speedup_vs_candle_nn
+                .map_or("-".into(), |s| format!("{s:.2}x"))
+        );
+    }
+}
+
+/// Runs scripts/bench_torch.py and returns (name, step times in ms, bytes) rows.
+fn run_torch(
+    py: &str,
+    set: &str,
+    threads: usize,
+    steps: usize,
+) -> Result<Vec<(String, Vec<f64>, usize)>, String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench_torch.py");
+    let out = std::process::Command::new(py)
+        .args([
+            script,
+            "--set",
+            set,
+            "--threads",
+            &threads.to_string(),
+            "--steps",
+            &steps.to_string(),
+        ])
+        .output()
+        .map_err(|e| format!("{py}: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or("failed")
+            .to_string());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    Ok(v.as_array()
+        .ok_or("bad output")?
+        .iter()
+        .map(|r| {
+            let ms = r["ms"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+                .unwrap_or_default();
+            (
+                r["name"].as_str().unwrap_or("?").to_string(),
+                ms,
+                r["bytes"].as_u64().unwrap_or(0) as usize,
+            )
+        })
+        .collect())
+}
