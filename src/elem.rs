@@ -3,7 +3,7 @@
 //! compute in f64 with f64 state (useful as a reference run).
 
 use half::{bf16, f16};
-use std::ops::{Add, Div, Mul, Neg, Sub};
+use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
 
 /// A float type the per-element math runs in: `f32` or `f64`.
 pub trait Real:
@@ -16,6 +16,10 @@ pub trait Real:
     + Mul<Output = Self>
     + Div<Output = Self>
     + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+    + DivAssign
     + std::fmt::Debug
     + candle_core::WithDType
     + 'static
@@ -144,41 +148,11 @@ fn expf_v(x: f32) -> f32 {
     y = y * r + 8.333_452e-3;
     y = y * r + 4.166_579_6e-2;
     y = y * r + 1.666_666_5e-1;
-    y = y * r + 5.000_000_1e-1;
+    y = y * r + 5e-1;
     y = y * (r * r) + r + 1.0;
     // t's mantissa holds n + 1.5·2^23; its low bits are n (|n| < 2^22).
     let e = (t.to_bits() as i32 - 0x4B40_0000 + 127) << 23;
     y * f32::from_bits(e as u32)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn expf_v_is_within_two_ulp() {
-        let mut worst = 0i64;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let a = expf_v(x);
-            let b = (x as f64).exp() as f32;
-            worst = worst.max((a.to_bits() as i64 - b.to_bits() as i64).abs());
-            x += 0.000_37;
-        }
-        assert!(worst <= 2, "worst error {worst} ulp");
-        assert!(expf_v(f32::NAN).is_nan());
-        assert_eq!(expf_v(0.0), 1.0);
-        assert!(expf_v(-1000.0) < 2e-38 && expf_v(-1000.0) >= 0.0);
-    }
-
-    #[test]
-    fn sign_keeps_zero_and_nan() {
-        assert_eq!(0f32.sign(), 0.0);
-        assert_eq!((-0f32).sign(), 0.0);
-        assert!(f32::NAN.sign().is_nan());
-        assert_eq!(3f32.sign(), 1.0);
-        assert_eq!((-3f64).sign(), -1.0);
-    }
 }
 
 /// A parameter's storage type. `Math` is the type its update is computed in and the type of
@@ -237,5 +211,35 @@ impl Elem for f16 {
     #[inline(always)]
     fn store(x: f32) -> Self {
         f16::from_f32(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expf_v_is_within_two_ulp() {
+        let mut worst = 0i64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let a = expf_v(x);
+            let b = (x as f64).exp() as f32;
+            worst = worst.max((a.to_bits() as i64 - b.to_bits() as i64).abs());
+            x += 0.000_37;
+        }
+        assert!(worst <= 2, "worst error {worst} ulp");
+        assert!(expf_v(f32::NAN).is_nan());
+        assert_eq!(expf_v(0.0), 1.0);
+        assert!(expf_v(-1000.0) < 2e-38 && expf_v(-1000.0) >= 0.0);
+    }
+
+    #[test]
+    fn sign_keeps_zero_and_nan() {
+        assert_eq!(0f32.sign(), 0.0);
+        assert_eq!((-0f32).sign(), 0.0);
+        assert!(f32::NAN.sign().is_nan());
+        assert_eq!(3f32.sign(), 1.0);
+        assert_eq!((-3f64).sign(), -1.0);
     }
 }

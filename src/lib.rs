@@ -50,6 +50,11 @@ pub use groups::{is_bias_or_norm, OptimBuilder};
 pub use optimizer::{NonFinitePolicy, Optim, Optimizer, ParamState, SkipReason, StepReport};
 pub use registry::Algo;
 
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 /// AdamW (decoupled weight decay, amsgrad, maximize), as `torch.optim.AdamW`.
 pub type AdamW = Optim<AdamWConfig>;
 /// SGD-SaI: SGD with EMA momentum and a per-tensor learning-rate scale fixed at step 1.

@@ -28,7 +28,7 @@ impl Split {
     /// Appends the records of one file's bytes. Rejects a length that is not a whole number of
     /// records and labels ≥ 10; on error `self` is unchanged.
     pub fn push_bytes(&mut self, bytes: &[u8], what: &str) -> Result<(), String> {
-        if bytes.is_empty() || bytes.len() % RECORD != 0 {
+        if bytes.is_empty() || !bytes.len().is_multiple_of(RECORD) {
             return Err(format!(
                 "{what}: {} bytes is not a whole number of {RECORD}-byte CIFAR records (truncated?)",
                 bytes.len()

@@ -111,7 +111,7 @@ impl AdaBeliefKernel {
             let pi = p0 * decay;
             let mut gi = g[i].load() * gs;
             if coupled {
-                gi = gi + l2 * p0;
+                gi += l2 * p0;
             }
             let mi = m[i] * b1 + one_b1 * gi;
             let r = gi - mi;
@@ -144,10 +144,14 @@ const NONE: u8 = 3;
 impl Kernel for AdaBeliefKernel {
     #[inline(always)]
     fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
-        let (m, var, vmax, ams): (&mut [P::Math], &mut [P::Math], &mut [P::Math], bool) = match s {
-            [m, v] => (m, v, &mut [], false),
-            [m, v, vm] => (m, v, vm, true),
+        let (m, var, rest) = match s {
+            [m, v, rest @ ..] if rest.len() <= 1 => (m, v, rest),
             _ => unreachable!("AdaBelief has 2 state slots, 3 with amsgrad"),
+        };
+        let ams = !rest.is_empty();
+        let vmax: &mut [P::Math] = match rest {
+            [vm] => vm,
+            _ => &mut [],
         };
         match (self.mode, ams) {
             (Mode::Adam, false) => self.run::<P, ADAM, false>(p, g, m, var, vmax),

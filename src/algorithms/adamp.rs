@@ -100,7 +100,7 @@ impl AdamPKernel {
 
     /// `p·(1 − lr·λ·r)`, only when weight decay is on (as in the reference).
     fn decay(&self, r: f64) -> Option<f64> {
-        (self.lr_wd > 0.0).then(|| 1.0 - self.lr_wd * r)
+        (self.lr_wd > 0.0).then_some(1.0 - self.lr_wd * r)
     }
 }
 
@@ -148,7 +148,7 @@ impl Kernel for AdamPKernel {
             let u = c.u(mi, vi, gi);
             let mut pi = p[i].load();
             if let Some(d) = decay {
-                pi = pi * d;
+                pi *= d;
             }
             p[i] = P::store(pi + c.neg_ss * u);
         }

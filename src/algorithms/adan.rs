@@ -93,12 +93,12 @@ impl Kernel for AdanKernel {
             let denom = ni.sqrt() / bc3s + eps;
             let mut pi = p[i].load();
             if no_prox {
-                pi = pi * decay;
+                pi *= decay;
             }
-            pi = pi + neg_ss * (mi / denom);
-            pi = pi + neg_ssd * (di / denom);
+            pi += neg_ss * (mi / denom);
+            pi += neg_ssd * (di / denom);
             if !no_prox {
-                pi = pi / prox_div;
+                pi /= prox_div;
             }
             m[i] = mi;
             d[i] = di;

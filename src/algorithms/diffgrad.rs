@@ -69,7 +69,7 @@ impl Kernel for DiffGradKernel {
             let pi = p[i].load();
             let mut gi = g[i].load() * gs;
             if coupled {
-                gi = gi + wd * pi;
+                gi += wd * pi;
             }
             let mi = m[i] * b1 + one_b1 * gi;
             let vi = v[i] * b2 + one_b2 * gi * gi;

@@ -146,7 +146,7 @@ fn contig<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
 
 /// The split point of a run of `n` elements: about half, rounded to [`ALIGN`].
 pub(crate) fn split_point(n: usize) -> usize {
-    ((n / 2) + ALIGN - 1) / ALIGN * ALIGN
+    (n / 2).div_ceil(ALIGN) * ALIGN
 }
 
 fn split_slots<'a, F>(s: Slots<'a, F>, mid: usize) -> (Slots<'a, F>, Slots<'a, F>) {
@@ -176,7 +176,7 @@ impl<K: Kernel, P: Elem> simd::Task for Apply<'_, '_, K, P> {
     }
 }
 
-/// Applies `k` to a whole tensor, split into runs of at least [`GRAIN`] elements over the
+/// Applies `k` to a whole tensor, split into runs of at least `GRAIN` (32Ki) elements over the
 /// current rayon pool (run inline when the pool has one thread).
 pub fn par_apply<K: Kernel, P: Elem>(k: &K, p: &mut [P], g: &[P], s: Slots<'_, P::Math>) {
     apply_rec(k, p, g, s, leaf_len(p.len()));
