@@ -96,9 +96,22 @@ pub enum Error {
     #[error("{0}")]
     Unsupported(String),
 
-    /// A checkpoint could not be read or does not fit this optimizer.
+    /// A checkpoint is truncated, corrupt or not a checkpoint of this crate.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+
+    /// A checkpoint of another algorithm.
+    #[error("checkpoint is for `{found}`, this optimizer is `{expected}`")]
+    WrongAlgorithm {
+        /// This optimizer's algorithm.
+        expected: &'static str,
+        /// The checkpoint's.
+        found: String,
+    },
+
+    /// A checkpoint whose groups, parameter names, shapes or dtypes differ from this optimizer's.
+    #[error("checkpoint does not match this optimizer: {0}")]
+    CheckpointMismatch(String),
 
     /// An error from candle.
     #[error(transparent)]

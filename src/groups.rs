@@ -3,6 +3,7 @@
 use crate::algorithm::Algorithm;
 use crate::error::{Error, Result};
 use crate::optimizer::{NonFinitePolicy, Optim};
+use crate::schedule::Schedule;
 use candle_core::{DType, Var};
 use std::collections::HashSet;
 
@@ -50,6 +51,7 @@ pub struct OptimBuilder<A: Algorithm> {
     error: Option<Error>,
     policy: NonFinitePolicy,
     max_grad_norm: Option<f64>,
+    schedule: Option<Schedule>,
     auto_names: usize,
 }
 
@@ -63,6 +65,7 @@ impl<A: Algorithm> OptimBuilder<A> {
             error: None,
             policy: NonFinitePolicy::default(),
             max_grad_norm: None,
+            schedule: None,
             auto_names: 0,
         }
     }
@@ -170,6 +173,12 @@ impl<A: Algorithm> OptimBuilder<A> {
         self
     }
 
+    /// Multiplies the learning rate by `schedule` (see [`Schedule`]).
+    pub fn schedule(mut self, schedule: Schedule) -> Self {
+        self.schedule = Some(schedule);
+        self
+    }
+
     /// Checks everything and builds the optimizer.
     pub fn build(self) -> Result<Optim<A>> {
         if let Some(e) = self.error {
@@ -187,6 +196,12 @@ impl<A: Algorithm> OptimBuilder<A> {
                 return Err(Error::DuplicateParameter(n.clone()));
             }
         }
-        Optim::from_parts(self.base, groups, self.policy, self.max_grad_norm)
+        Optim::from_parts(
+            self.base,
+            groups,
+            self.policy,
+            self.max_grad_norm,
+            self.schedule,
+        )
     }
 }

@@ -27,16 +27,20 @@
 
 #![warn(missing_docs)]
 
+mod accumulate;
 pub mod algorithm;
 pub mod algorithms;
 pub mod backend;
+pub mod checkpoint;
 pub mod elem;
 mod error;
 pub mod groups;
 mod optimizer;
 pub mod reduce;
 mod registry;
+pub mod schedule;
 
+pub use accumulate::{GradAccumulator, Reduction};
 pub use algorithm::{Algorithm, Kernel};
 pub use algorithms::adabelief::AdaBeliefConfig;
 pub use algorithms::adamp::AdamPConfig;
@@ -47,8 +51,11 @@ pub use algorithms::lion::LionConfig;
 pub use algorithms::sgd_sai::{GsnrMode, SgdSaiConfig};
 pub use error::{Error, Result};
 pub use groups::{is_bias_or_norm, OptimBuilder};
-pub use optimizer::{NonFinitePolicy, Optim, Optimizer, ParamState, SkipReason, StepReport};
+pub use optimizer::{
+    GroupMemory, NonFinitePolicy, Optim, Optimizer, ParamState, SkipReason, StepReport,
+};
 pub use registry::Algo;
+pub use schedule::{Phase, Schedule};
 
 /// The README's examples, compiled and run as doctests.
 #[doc = include_str!("../README.md")]

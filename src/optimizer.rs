@@ -5,6 +5,7 @@ use crate::backend::{self, Work};
 use crate::error::{Error, Result};
 use crate::groups::OptimBuilder;
 use crate::reduce::Reducer;
+use crate::schedule::Schedule;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -103,6 +104,40 @@ pub trait Optimizer: Send {
     fn set_non_finite_policy(&mut self, policy: NonFinitePolicy);
     /// Sets (or with `None` removes) global gradient-norm clipping.
     fn set_max_grad_norm(&mut self, max: Option<f64>) -> Result<()>;
+    /// [`step`](Self::step) with every gradient multiplied by `scale` inside the fused pass.
+    fn step_scaled(&mut self, grads: &GradStore, scale: f64) -> Result<StepReport>;
+    /// Sets (or with `None` removes) the learning-rate schedule.
+    fn set_schedule(&mut self, schedule: Option<Schedule>) -> Result<()>;
+    /// State bytes per group and dtype.
+    fn memory_report(&self) -> Vec<GroupMemory>;
+    /// The whole optimizer state as a safetensors checkpoint (see [`crate::checkpoint`]).
+    fn save_bytes(&self) -> Result<Vec<u8>>;
+    /// Restores a checkpoint made by [`save_bytes`](Self::save_bytes) (or `save`) of an
+    /// optimizer with the same algorithm, groups and parameter names. On any error the
+    /// optimizer is left exactly as it was.
+    fn load_bytes(&mut self, bytes: &[u8]) -> Result<()>;
+    /// Writes [`save_bytes`](Self::save_bytes) to `path` (atomically: a temporary file renamed).
+    fn save(&self, path: &std::path::Path) -> Result<()> {
+        crate::checkpoint::write_atomic(path, &self.save_bytes()?)
+    }
+    /// Reads a checkpoint file (see [`load_bytes`](Self::load_bytes)).
+    fn load(&mut self, path: &std::path::Path) -> Result<()> {
+        let bytes = std::fs::read(path)?;
+        self.load_bytes(&bytes)
+    }
+}
+
+/// Optimizer-state bytes of one group in one dtype.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupMemory {
+    /// Group index.
+    pub group: usize,
+    /// The state tensors' dtype.
+    pub dtype: DType,
+    /// Parameters of the group with state in this dtype.
+    pub params: usize,
+    /// Bytes of state tensors.
+    pub bytes: usize,
 }
 
 pub(crate) struct Param<A: Algorithm> {
@@ -131,7 +166,11 @@ pub struct Optim<A: Algorithm> {
     pub(crate) groups: Vec<Group<A>>,
     pub(crate) global: A::Global,
     pub(crate) steps: u64,
+    /// The base learning rate in effect (peak × schedule factor).
     pub(crate) lr: f64,
+    /// The base learning rate set by the user; a schedule multiplies it.
+    pub(crate) peak_lr: f64,
+    pub(crate) schedule: Option<Schedule>,
     pub(crate) policy: NonFinitePolicy,
     pub(crate) max_grad_norm: Option<f64>,
     reducer: Reducer,
@@ -184,8 +223,12 @@ impl<A: Algorithm> Optim<A> {
         groups: Vec<(A, Vec<(String, Var)>)>,
         policy: NonFinitePolicy,
         max_grad_norm: Option<f64>,
+        schedule: Option<Schedule>,
     ) -> Result<Self> {
         base.validate()?;
+        if let Some(s) = &schedule {
+            s.validate()?;
+        }
         if let Some(m) = max_grad_norm {
             if !(m > 0.0 && m.is_finite()) {
                 return Err(Error::hyper("max_grad_norm", m, "must be finite and > 0"));
@@ -219,8 +262,10 @@ impl<A: Algorithm> Optim<A> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
+        let mut opt = Self {
             lr: base_lr,
+            peak_lr: base_lr,
+            schedule,
             base,
             groups,
             global: Default::default(),
@@ -228,7 +273,9 @@ impl<A: Algorithm> Optim<A> {
             policy,
             max_grad_norm,
             reducer: Reducer::new(),
-        })
+        };
+        opt.apply_schedule();
+        Ok(opt)
     }
 
     /// The configuration the optimizer was built with.
@@ -294,16 +341,46 @@ impl<A: Algorithm> Optim<A> {
         Ok(())
     }
 
-    /// The learning rate the groups' rates are derived from.
+    /// The base learning rate in effect: the peak rate times the schedule's factor for the
+    /// next step. Each group's rate is this times its ratio to the base rate.
     pub fn learning_rate(&self) -> f64 {
         self.lr
     }
 
-    /// Sets the base learning rate; each group gets `lr` times its ratio to the base rate.
+    /// The peak learning rate (what [`set_learning_rate`](Self::set_learning_rate) set).
+    pub fn peak_learning_rate(&self) -> f64 {
+        self.peak_lr
+    }
+
+    /// Sets the peak learning rate; each group gets it times the schedule's factor times its
+    /// ratio to the base rate.
     pub fn set_learning_rate(&mut self, lr: f64) -> Result<()> {
         crate::error::check_nonneg("lr", lr)?;
-        self.apply_lr(lr);
+        self.peak_lr = lr;
+        self.apply_schedule();
         Ok(())
+    }
+
+    /// The learning-rate schedule, if any.
+    pub fn schedule(&self) -> Option<&Schedule> {
+        self.schedule.as_ref()
+    }
+
+    /// Sets (or with `None` removes) the learning-rate schedule. It takes effect from the next
+    /// step, at the current step count.
+    pub fn set_schedule(&mut self, schedule: Option<Schedule>) -> Result<()> {
+        if let Some(s) = &schedule {
+            s.validate()?;
+        }
+        self.schedule = schedule;
+        self.apply_schedule();
+        Ok(())
+    }
+
+    /// Sets every group's rate from the peak rate and the schedule at the current step count.
+    fn apply_schedule(&mut self) {
+        let factor = self.schedule.as_ref().map_or(1.0, |s| s.factor(self.steps));
+        self.apply_lr(self.peak_lr * factor);
     }
 
     pub(crate) fn apply_lr(&mut self, lr: f64) {
@@ -347,6 +424,35 @@ impl<A: Algorithm> Optim<A> {
                 })
             })
             .sum()
+    }
+
+    /// State bytes per group and dtype (only parameters that have state).
+    pub fn memory_report(&self) -> Vec<GroupMemory> {
+        let mut out: Vec<GroupMemory> = Vec::new();
+        for (gi, g) in self.groups.iter().enumerate() {
+            for slots in g.params.iter().filter_map(|p| p.slots.as_ref()) {
+                let Some(dtype) = slots.first().map(|t| t.dtype()) else {
+                    continue;
+                };
+                let bytes: usize = slots
+                    .iter()
+                    .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                    .sum();
+                match out.iter_mut().find(|m| m.group == gi && m.dtype == dtype) {
+                    Some(m) => {
+                        m.params += 1;
+                        m.bytes += bytes;
+                    }
+                    None => out.push(GroupMemory {
+                        group: gi,
+                        dtype,
+                        params: 1,
+                        bytes,
+                    }),
+                }
+            }
+        }
+        out
     }
 
     /// State bytes per parameter element, as the configuration prescribes (AdamW: 8, 12 with
@@ -442,6 +548,16 @@ impl<A: Algorithm> Optim<A> {
     /// nothing has changed. Parameters without a gradient are skipped entirely: no decay, no
     /// state change, their counters do not advance.
     pub fn step(&mut self, grads: &GradStore) -> Result<StepReport> {
+        self.step_scaled(grads, 1.0)
+    }
+
+    /// Like [`step`](Self::step) with every gradient multiplied by `scale` (inside the fused
+    /// pass: nothing is allocated). Clipping and the reported norm see the scaled gradients.
+    /// [`crate::GradAccumulator`] uses it to average micro-batches.
+    pub fn step_scaled(&mut self, grads: &GradStore, scale: f64) -> Result<StepReport> {
+        if !scale.is_finite() {
+            return Err(Error::hyper("scale", scale, "must be finite"));
+        }
         for g in &self.groups {
             g.config.validate()?;
         }
@@ -463,10 +579,10 @@ impl<A: Algorithm> Optim<A> {
             step: self.steps,
         };
 
-        let mut grad_scale = 1.0;
+        let mut grad_scale = scale;
         if self.policy != NonFinitePolicy::Propagate || self.max_grad_norm.is_some() {
             let stats = self.reducer.stats(&present, false)?;
-            let total: f64 = stats.iter().map(|s| s.sum_sq).sum();
+            let total: f64 = stats.iter().map(|s| s.sum_sq).sum::<f64>() * (scale * scale);
             if !total.is_finite() && self.policy != NonFinitePolicy::Propagate {
                 let names = self
                     .params()
@@ -489,10 +605,14 @@ impl<A: Algorithm> Optim<A> {
             report.grad_norm = Some(norm);
             if let Some(max) = self.max_grad_norm {
                 // torch.nn.utils.clip_grad_norm_: coef = max / (norm + 1e-6), clamped at 1.
-                grad_scale = (max / (norm + 1e-6)).min(1.0);
+                report.clip_scale = (max / (norm + 1e-6)).min(1.0);
+                grad_scale *= report.clip_scale;
             }
         }
-        report.clip_scale = grad_scale;
+        // The step will be taken: the schedule sets this step's rates.
+        if self.schedule.is_some() {
+            self.apply_schedule();
+        }
 
         // Algorithm-wide reductions (SGD-SaI's first-step g-SNR, Adan's clipping).
         let grad_scale = {
@@ -583,29 +703,35 @@ impl<A: Algorithm> Optim<A> {
     }
 }
 
-fn check_grad<A: Algorithm>(p: &Param<A>, g: &Tensor) -> Result<Tensor> {
-    let var = p.var.as_tensor();
+/// Checks that `g` can be the gradient of `var` (called `name`): same shape, dtype and device.
+pub(crate) fn check_matches(name: &str, var: &Tensor, g: &Tensor) -> Result<()> {
     if g.shape() != var.shape() {
         return Err(Error::ShapeMismatch {
-            param: p.name.clone(),
+            param: name.to_string(),
             expected: var.shape().clone(),
             grad: g.shape().clone(),
         });
     }
     if g.dtype() != var.dtype() {
         return Err(Error::DTypeMismatch {
-            param: p.name.clone(),
+            param: name.to_string(),
             expected: var.dtype(),
             grad: g.dtype(),
         });
     }
     if !g.device().same_device(var.device()) {
         return Err(Error::DeviceMismatch {
-            param: p.name.clone(),
+            param: name.to_string(),
             expected: var.device().location(),
             grad: g.device().location(),
         });
     }
+    Ok(())
+}
+
+fn check_grad<A: Algorithm>(p: &Param<A>, g: &Tensor) -> Result<Tensor> {
+    let var = p.var.as_tensor();
+    check_matches(&p.name, var, g)?;
     if !var.is_contiguous() {
         return Err(Error::NonContiguous {
             param: p.name.clone(),
@@ -669,6 +795,21 @@ impl<A: Algorithm> Optimizer for Optim<A> {
     fn set_max_grad_norm(&mut self, max: Option<f64>) -> Result<()> {
         Optim::set_max_grad_norm(self, max)
     }
+    fn step_scaled(&mut self, grads: &GradStore, scale: f64) -> Result<StepReport> {
+        Optim::step_scaled(self, grads, scale)
+    }
+    fn set_schedule(&mut self, schedule: Option<Schedule>) -> Result<()> {
+        Optim::set_schedule(self, schedule)
+    }
+    fn memory_report(&self) -> Vec<GroupMemory> {
+        Optim::memory_report(self)
+    }
+    fn save_bytes(&self) -> Result<Vec<u8>> {
+        Optim::save_bytes(self)
+    }
+    fn load_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        Optim::load_bytes(self, bytes)
+    }
 }
 
 fn to_candle(e: Error) -> candle_core::Error {
@@ -696,6 +837,7 @@ impl<A: Algorithm> candle_nn::optim::Optimizer for Optim<A> {
     }
 
     fn set_learning_rate(&mut self, lr: f64) {
-        self.apply_lr(lr);
+        self.peak_lr = lr;
+        self.apply_schedule();
     }
 }

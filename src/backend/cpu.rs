@@ -378,3 +378,71 @@ pub(crate) fn grad_stats(t: &Tensor, centered: bool) -> Result<GradStats> {
         }
     })
 }
+
+/// `dst += src` in place (same shape and dtype, both contiguous).
+pub(crate) fn add_assign(dst: &Tensor, src: &Tensor) -> Result<()> {
+    dst.inplace_op2(src, &AddAssign)?;
+    Ok(())
+}
+
+struct AddAssign;
+
+struct AddTask<'a, T>(&'a mut [T], &'a [T]);
+
+impl<T: Elem> simd::Task for AddTask<'_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        let n = self.0.len().min(self.1.len());
+        let (d, s) = (&mut self.0[..n], &self.1[..n]);
+        for i in 0..n {
+            d[i] = T::store(d[i].load() + s[i].load());
+        }
+    }
+}
+
+fn add_slices<T: Elem>(d: &mut [T], s: &[T]) {
+    if d.len() <= GRAIN {
+        simd::run(AddTask(d, s));
+        return;
+    }
+    let mid = split_point(d.len());
+    let (dl, dr) = d.split_at_mut(mid);
+    let (sl, sr) = s.split_at(mid);
+    rayon::join(|| add_slices(dl, sl), || add_slices(dr, sr));
+}
+
+impl InplaceOp2 for AddAssign {
+    fn name(&self) -> &'static str {
+        "candle-optim-add-assign"
+    }
+
+    fn cpu_fwd(
+        &self,
+        d: &mut CpuStorage,
+        dl: &Layout,
+        s: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<()> {
+        match (d, s) {
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => {
+                add_slices(contig_mut(d, dl)?, contig(s, sl)?)
+            }
+            (CpuStorage::F64(d), CpuStorage::F64(s)) => {
+                add_slices(contig_mut(d, dl)?, contig(s, sl)?)
+            }
+            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => {
+                add_slices(contig_mut(d, dl)?, contig(s, sl)?)
+            }
+            (CpuStorage::F16(d), CpuStorage::F16(s)) => {
+                add_slices(contig_mut(d, dl)?, contig(s, sl)?)
+            }
+            (d, s) => bail!(
+                "candle-optim: cannot add {:?} into {:?}",
+                s.dtype(),
+                d.dtype()
+            ),
+        }
+        Ok(())
+    }
+}
