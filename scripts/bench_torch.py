@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""The torch side of examples/bench.rs: the same parameter shapes and thread count, one JSON list
-of rows {name, ms: [per-step ms], bytes} on stdout.
+"""The torch side of examples/bench.rs (CPU) and examples/gpu_check.rs (CUDA): the same
+parameter shapes and thread count, one JSON list of rows {name, ms: [per-step ms], bytes} on
+stdout.
 
 Measures torch.optim.AdamW (fused=True, foreach=True, and the for-loop path) and
 torch.optim.SGD(momentum=0.9). PyTorch is not a dependency of the crate: this runs only when the
 bench is given --torch and a python with torch.
 
     python3 scripts/bench_torch.py --set gpt2 --threads 2 --steps 10
+    python3 scripts/bench_torch.py --device cuda --set xl --steps 20
 """
 import argparse
 import json
@@ -23,6 +25,13 @@ def gpt2_small():
     return s + [[768], [768]]
 
 
+def gpt2(layers, d):
+    s = [[50257, d], [1024, d]]
+    for _ in range(layers):
+        s += [[d], [d], [d, 3 * d], [3 * d], [d, d], [d], [d], [d], [d, 4 * d], [4 * d], [4 * d, d], [d]]
+    return s + [[d], [d]]
+
+
 def ten_m():
     s = [[20000, 256], [512, 256]]
     for _ in range(6):
@@ -36,13 +45,16 @@ def main():
     ap.add_argument("--set", default="gpt2")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    shapes = gpt2_small() if a.set == "gpt2" else ten_m()
+    shapes = {"gpt2": gpt2_small, "10m": ten_m, "xl": lambda: gpt2(48, 1600)}[a.set]()
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(*s) * 0.02) for s in shapes]
+    dev = torch.device(a.device)
+    params = [torch.nn.Parameter(torch.randn(*s, device=dev) * 0.02) for s in shapes]
     for p in params:
-        p.grad = torch.randn(*p.shape) * 1e-3
+        p.grad = torch.randn(*p.shape, device=dev) * 1e-3
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     n = sum(p.numel() for p in params)
     rows = []
     variants = [
@@ -53,12 +65,14 @@ def main():
     ]
     for name, make, bpe in variants:
         opt = make()
-        for _ in range(2):
+        for _ in range(3):
             opt.step()
+        sync()
         ms = []
         for _ in range(a.steps):
             t = time.perf_counter()
             opt.step()
+            sync()
             ms.append((time.perf_counter() - t) * 1e3)
         rows.append({"name": name, "ms": ms, "bytes": bpe * n})
         del opt

@@ -38,9 +38,20 @@ pub struct ParamMeta<'a> {
     pub fresh: bool,
 }
 
+/// A kernel's step scalars as the CUDA kernel reads them (`kernels/<module>.cu` documents the
+/// order). At most 16.
+pub type Words = ArrayVec<f64, 16>;
+
 /// The per-element update rule with its step scalars. The scalars are f64 and are rounded to
-/// the compute type once per chunk, outside the element loop.
-pub trait Kernel: Copy + Send + Sync + Debug + 'static {
+/// the compute type once per chunk, outside the element loop. The same scalars drive the CUDA
+/// kernel ([`Kernel::words`]), so the CPU and GPU paths share one definition.
+pub trait Kernel: Copy + Send + Sync + Debug + Sized + 'static {
+    /// The CUDA module (`kernels/<name>.cu`) whose `<name>_<dtype>` entry points run this rule.
+    const CUDA_MODULE: &'static str;
+
+    /// The step scalars in the order the CUDA kernel reads them.
+    fn words(&self) -> Words;
+
     /// Applies the update to one contiguous run of elements. `p`, `g` and every slot have the
     /// same length.
     fn apply<P: Elem>(&self, p: &mut [P], g: &[P], state: &mut [&mut [P::Math]]);
@@ -51,6 +62,14 @@ pub trait Kernel: Copy + Send + Sync + Debug + 'static {
     fn update_cpu<P: Elem>(&self, p: &mut [P], g: &[P], state: Slots<'_, P::Math>, shape: &Shape) {
         let _ = shape;
         cpu::par_apply(self, p, g, state);
+    }
+
+    /// Updates a group's tensors on one CUDA device. The default is one multi-tensor launch of
+    /// the module's element-wise kernel per parameter dtype; algorithms with reductions before
+    /// the write (AdamP) override it.
+    #[cfg(feature = "cuda")]
+    fn update_cuda(items: &[crate::backend::Work<'_, Self>]) -> Result<()> {
+        crate::backend::cuda::elementwise(items)
     }
 }
 

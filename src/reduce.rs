@@ -17,17 +17,33 @@ impl Reducer {
     }
 
     /// Per-tensor statistics: Σx², and with `centered` also Σ(x − mean)² from a second pass.
+    /// CUDA gradients are reduced on the device, all tensors in one launch per pass.
     pub fn stats(&mut self, grads: &[&Tensor], centered: bool) -> Result<Vec<GradStats>> {
-        grads
+        let mut out = Vec::with_capacity(grads.len());
+        #[cfg(feature = "cuda")]
+        let on_gpu: Vec<&Tensor> = grads
             .iter()
-            .map(|g| match g.device() {
-                Device::Cpu => crate::backend::cpu::grad_stats(g, centered),
-                other => Err(Error::Unsupported(format!(
-                    "gradient reductions on {:?} are not supported yet",
-                    other.location()
-                ))),
-            })
-            .collect()
+            .copied()
+            .filter(|g| matches!(g.device(), Device::Cuda(_)))
+            .collect();
+        #[cfg(feature = "cuda")]
+        let mut gpu = crate::backend::cuda::grad_stats(&on_gpu, centered)?.into_iter();
+        for g in grads {
+            out.push(match g.device() {
+                Device::Cpu => crate::backend::cpu::grad_stats(g, centered)?,
+                #[cfg(feature = "cuda")]
+                Device::Cuda(_) => gpu
+                    .next()
+                    .ok_or_else(|| Error::Unsupported("missing CUDA statistics".into()))?,
+                other => {
+                    return Err(Error::Unsupported(format!(
+                        "gradient reductions on {:?} are not supported",
+                        other.location()
+                    )))
+                }
+            });
+        }
+        Ok(out)
     }
 
     /// Σx² of every tensor together (f64). Non-finite exactly when some element is non-finite:

@@ -7,7 +7,7 @@
 //! optimizer-wide switches (`weight_decouple`, `fixed_decay`, `rectify`, `degenerated_to_sgd`)
 //! are per group here. The user's gradient is never modified (the L2 term is applied inside).
 
-use crate::algorithm::{Algorithm, Kernel, ParamMeta};
+use crate::algorithm::{Algorithm, Kernel, ParamMeta, Words};
 use crate::elem::{Elem, Real};
 use crate::error::{check_nonneg, check_range, Result};
 use serde::{Deserialize, Serialize};
@@ -78,6 +78,7 @@ pub struct AdaBeliefKernel {
     step: f64,
     mode: Mode,
     grad_scale: f64,
+    amsgrad: bool,
 }
 
 impl AdaBeliefKernel {
@@ -142,6 +143,32 @@ const SGD: u8 = 2;
 const NONE: u8 = 3;
 
 impl Kernel for AdaBeliefKernel {
+    const CUDA_MODULE: &'static str = "adabelief";
+
+    /// The order of `kernels/adabelief.cu`.
+    fn words(&self) -> Words {
+        let mode = match self.mode {
+            Mode::Adam => 0.0,
+            Mode::Rectified => 1.0,
+            Mode::Sgd => 2.0,
+            Mode::None => 3.0,
+        };
+        [
+            self.decay,
+            self.l2,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.bc2_sqrt,
+            self.step,
+            mode,
+            self.grad_scale,
+            self.amsgrad as u8 as f64,
+        ]
+        .into_iter()
+        .collect()
+    }
+
     #[inline(always)]
     fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
         let (m, var, rest) = match s {
@@ -240,6 +267,7 @@ impl Algorithm for AdaBeliefConfig {
             step,
             mode,
             grad_scale,
+            amsgrad: self.amsgrad,
         }
     }
 }

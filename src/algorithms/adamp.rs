@@ -11,7 +11,7 @@
 //! pass, only when it fires) and writes p. The projector multiplies by 1/(‖p‖ + eps) where the
 //! reference divides by ‖p‖ + eps: a rounding-level difference, far inside the tolerance.
 
-use crate::algorithm::{Algorithm, Kernel, ParamMeta, Slots};
+use crate::algorithm::{Algorithm, Kernel, ParamMeta, Slots, Words};
 use crate::backend::cpu::{leaf_len, split_point, REDUCE_GRAIN};
 use crate::backend::simd;
 use crate::elem::{Elem, Real};
@@ -129,6 +129,26 @@ impl<F: Real> Consts<F> {
 }
 
 impl Kernel for AdamPKernel {
+    const CUDA_MODULE: &'static str = "adamp";
+
+    /// The order of `kernels/adamp.cu`.
+    fn words(&self) -> Words {
+        [
+            self.beta1,
+            self.beta2,
+            self.bc2_sqrt,
+            self.eps,
+            self.step_size,
+            self.lr_wd,
+            self.wd_ratio,
+            self.delta,
+            self.nesterov as u8 as f64,
+            self.grad_scale,
+        ]
+        .into_iter()
+        .collect()
+    }
+
     /// The unprojected step (tensors of rank < 2).
     #[inline(always)]
     fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
@@ -152,6 +172,11 @@ impl Kernel for AdamPKernel {
             }
             p[i] = P::store(pi + c.neg_ss * u);
         }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn update_cuda(items: &[crate::backend::Work<'_, Self>]) -> Result<()> {
+        cuda::update(items)
     }
 
     fn update_cpu<P: Elem>(&self, p: &mut [P], g: &[P], s: Slots<'_, P::Math>, shape: &Shape) {
@@ -687,5 +712,106 @@ impl Algorithm for AdamPConfig {
             nesterov: self.nesterov,
             grad_scale,
         }
+    }
+}
+
+/// AdamP on CUDA: vectors take one element-wise launch (`adamp_plain`); tensors of rank ≥ 2 take
+/// the five launches described in `kernels/adamp.cu`, with per-row sums and decisions kept on
+/// the device (no host round trip).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::AdamPKernel;
+    use crate::backend::cuda::{
+        block_table, cuda_device, dtype_suffix, function, grid, launch_elementwise, launches,
+        upload_table, with_entries, CHUNK, THREADS,
+    };
+    use crate::backend::Work;
+    use crate::error::{Error, Result};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::WrapErr;
+
+    /// Elements per warp segment (`ADAMP_SEG`) and warps per block.
+    const SEG: u64 = 1024;
+    const WARPS: u64 = THREADS as u64 / 32;
+
+    pub(super) fn update(items: &[Work<'_, AdamPKernel>]) -> Result<()> {
+        for (dt, ws) in launches(items) {
+            let (mats, vecs): (Vec<_>, Vec<_>) = ws.into_iter().partition(|w| w.shape.rank() >= 2);
+            launch_elementwise(&vecs, dt, "adamp", "adamp_plain")?;
+            if mats.is_empty() {
+                continue;
+            }
+            let dev = cuda_device(mats[0].param)?;
+            let stream = dev.cuda_stream();
+            let sfx = dtype_suffix(dt)?;
+            let pass1 = function(dev, "adamp", &format!("adamp_pass1_{sfx}"))?;
+            let decide = function(dev, "adamp", "adamp_decide")?;
+            let pu_k = function(dev, "adamp", &format!("adamp_pu_{sfx}"))?;
+            let coef_k = function(dev, "adamp", "adamp_coef")?;
+            let pass2 = function(dev, "adamp", &format!("adamp_pass2_{sfx}"))?;
+            // Row layout, and the three block tables: warp segments, row threads, chunks.
+            let mut rows = Vec::with_capacity(mats.len());
+            for w in &mats {
+                let n = w.param.elem_count() as u64;
+                if n >= 1 << 32 {
+                    return Err(Error::Unsupported(
+                        "AdamP on CUDA handles tensors of fewer than 2^32 elements".into(),
+                    ));
+                }
+                let r = w.shape.dims()[0] as u64;
+                rows.push((r, n / r.max(1)));
+            }
+            let total_rows: u64 = rows.iter().map(|r| r.0).sum();
+            // Warp segments per tensor (rows × segments per row), WARPS to a block.
+            let segs: Vec<u64> = rows.iter().map(|&(r, l)| r * l.div_ceil(SEG)).collect();
+            let (seg_blocks, _) = block_table(&segs, WARPS);
+            let row_threads: Vec<u64> = rows.iter().map(|&(r, _)| r).collect();
+            let (row_blocks, _) = block_table(&row_threads, THREADS as u64);
+            let n: Vec<u64> = mats.iter().map(|w| w.param.elem_count() as u64).collect();
+            let (chunk_blocks, _) = block_table(&n, CHUNK as u64);
+            with_entries(&mats, &stream, &mut |entries| {
+                let mut off = 0;
+                for (e, &(r, l)) in entries.iter_mut().zip(&rows) {
+                    (e.rows, e.row_len, e.off) = (r, l, off);
+                    off += r;
+                }
+                let table = upload_table(&stream, entries)?;
+                let seg_d = stream.clone_htod(&seg_blocks).w()?;
+                let row_d = stream.clone_htod(&row_blocks).w()?;
+                let chunk_d = stream.clone_htod(&chunk_blocks).w()?;
+                let t = entries.len();
+                let mut sums = stream.alloc_zeros::<f64>(3 * total_rows as usize).w()?;
+                let mut mode = stream.alloc_zeros::<f64>(4 * t).w()?;
+                let mut pu = stream.alloc_zeros::<f64>(total_rows as usize).w()?;
+                let mut coef = stream.alloc_zeros::<f64>(2 * total_rows as usize).w()?;
+                // SAFETY (all five launches): the signatures are those of kernels/adamp.cu; the
+                // table's pointers stay held until the launches are enqueued; `sums`, `mode`,
+                // `pu` and `coef` hold 3, 4 (per tensor), 1 and 2 doubles per row, indexed by
+                // the rows' offsets set above; each block table only names blocks within its
+                // tensor's segments, rows or chunks.
+                let mut b = stream.launch_builder(&pass1);
+                b.arg(&table).arg(&seg_d).arg(&mut sums);
+                unsafe { b.launch(grid(seg_blocks.len() / 2)) }.w()?;
+                let mut b = stream.launch_builder(&decide);
+                b.arg(&table).arg(&sums).arg(&mut mode);
+                unsafe { b.launch(grid(t)) }.w()?;
+                let mut b = stream.launch_builder(&pu_k);
+                b.arg(&table).arg(&seg_d).arg(&mode).arg(&mut pu);
+                unsafe { b.launch(grid(seg_blocks.len() / 2)) }.w()?;
+                let mut b = stream.launch_builder(&coef_k);
+                b.arg(&table)
+                    .arg(&row_d)
+                    .arg(&sums)
+                    .arg(&mode)
+                    .arg(&pu)
+                    .arg(&mut coef);
+                unsafe { b.launch(grid(row_blocks.len() / 2)) }.w()?;
+                let mut b = stream.launch_builder(&pass2);
+                b.arg(&table).arg(&chunk_d).arg(&mode).arg(&coef);
+                unsafe { b.launch(grid(chunk_blocks.len() / 2)) }.w()?;
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! AdamW (Loshchilov & Hutter), exactly as `torch.optim.AdamW` (torch 2.15,
 //! `_single_tensor_adam` with decoupled weight decay). Spec: ALGORITHMS.md §2.
 
-use crate::algorithm::{Algorithm, Kernel, ParamMeta};
+use crate::algorithm::{Algorithm, Kernel, ParamMeta, Words};
 use crate::elem::{Elem, Real};
 use crate::error::{check_nonneg, check_range, Result};
 use serde::{Deserialize, Serialize};
@@ -52,6 +52,25 @@ pub struct AdamWKernel {
 }
 
 impl Kernel for AdamWKernel {
+    const CUDA_MODULE: &'static str = "adamw";
+
+    /// The order of `kernels/adamw.cu`.
+    fn words(&self) -> Words {
+        [
+            self.decay,
+            self.lerp_w,
+            self.beta2,
+            self.one_minus_beta2,
+            self.bc2_sqrt,
+            self.step_size,
+            self.eps,
+            self.grad_scale,
+            self.amsgrad as u8 as f64,
+        ]
+        .into_iter()
+        .collect()
+    }
+
     #[inline(always)]
     fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
         let of = <P::Math as Real>::of;

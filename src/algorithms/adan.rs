@@ -10,7 +10,7 @@
 //!
 //! [`restart`]: crate::Optim::restart
 
-use crate::algorithm::{Algorithm, Kernel, ParamMeta, StepContext};
+use crate::algorithm::{Algorithm, Kernel, ParamMeta, StepContext, Words};
 use crate::elem::{Elem, Real};
 use crate::error::{check_nonneg, check_range, Result};
 use serde::{Deserialize, Serialize};
@@ -66,6 +66,28 @@ pub struct AdanKernel {
 }
 
 impl Kernel for AdanKernel {
+    const CUDA_MODULE: &'static str = "adan";
+
+    /// The order of `kernels/adan.cu`.
+    fn words(&self) -> Words {
+        [
+            self.beta1,
+            self.beta2,
+            self.beta3,
+            self.bc3_sqrt,
+            self.eps,
+            self.step_size,
+            self.step_size_diff,
+            self.decay,
+            self.prox_div,
+            self.no_prox as u8 as f64,
+            self.first as u8 as f64,
+            self.grad_scale,
+        ]
+        .into_iter()
+        .collect()
+    }
+
     #[inline(always)]
     fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
         let of = <P::Math as Real>::of;

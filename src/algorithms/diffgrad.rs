@@ -5,7 +5,7 @@
 //! reference to the gradient instead); it includes the coupled L2 term, which also feeds the
 //! friction coefficient ξ = σ(|g_prev − g|). The user's gradient is never modified.
 
-use crate::algorithm::{Algorithm, Kernel, ParamMeta};
+use crate::algorithm::{Algorithm, Kernel, ParamMeta, Words};
 use crate::elem::{Elem, Real};
 use crate::error::{check_nonneg, check_range, Result};
 use serde::{Deserialize, Serialize};
@@ -47,6 +47,22 @@ pub struct DiffGradKernel {
 }
 
 impl Kernel for DiffGradKernel {
+    const CUDA_MODULE: &'static str = "diffgrad";
+
+    /// The order of `kernels/diffgrad.cu`.
+    fn words(&self) -> Words {
+        [
+            self.wd,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.step_size,
+            self.grad_scale,
+        ]
+        .into_iter()
+        .collect()
+    }
+
     #[inline(always)]
     fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
         let of = <P::Math as Real>::of;

@@ -4,7 +4,7 @@
 //! `sign(0) = 0` (an exactly zero interpolation does not move the parameter) and `sign(NaN)` is
 //! NaN, as in torch; Rust's `f32::signum` would give ±1 for ±0 and is not used.
 
-use crate::algorithm::{Algorithm, Kernel, ParamMeta};
+use crate::algorithm::{Algorithm, Kernel, ParamMeta, Words};
 use crate::elem::{Elem, Real};
 use crate::error::{check_nonneg, check_range, Result};
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,15 @@ pub struct LionKernel {
 }
 
 impl Kernel for LionKernel {
+    const CUDA_MODULE: &'static str = "lion";
+
+    /// The order of `kernels/lion.cu`.
+    fn words(&self) -> Words {
+        [self.decay, self.lr, self.beta1, self.beta2, self.grad_scale]
+            .into_iter()
+            .collect()
+    }
+
     #[inline(always)]
     fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
         let of = <P::Math as Real>::of;

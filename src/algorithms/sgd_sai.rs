@@ -13,7 +13,7 @@
 //!   code then turns every parameter into NaN; this port reproduces that (it is what v1.0.4
 //!   computes) rather than inventing a different rule.
 
-use crate::algorithm::{Algorithm, Kernel, ParamMeta, StepContext};
+use crate::algorithm::{Algorithm, Kernel, ParamMeta, StepContext, Words};
 use crate::elem::{Elem, Real};
 use crate::error::{check_nonneg, check_range, Result};
 use serde::{Deserialize, Serialize};
@@ -86,6 +86,22 @@ pub struct SgdSaiKernel {
 }
 
 impl Kernel for SgdSaiKernel {
+    const CUDA_MODULE: &'static str = "sgd_sai";
+
+    /// The order of `kernels/sgd_sai.cu`.
+    fn words(&self) -> Words {
+        [
+            self.decay,
+            self.step_size,
+            self.momentum,
+            self.one_minus_momentum,
+            self.first as u8 as f64,
+            self.grad_scale,
+        ]
+        .into_iter()
+        .collect()
+    }
+
     #[inline(always)]
     fn apply<P: Elem>(&self, p: &mut [P], g: &[P], s: &mut [&mut [P::Math]]) {
         let of = <P::Math as Real>::of;

@@ -1,0 +1,71 @@
+// Multi-tensor gradient reductions for the driver (non-finite check, global-norm clipping),
+// SGD-SaI's first-step g-SNR and Adan's clipping. Each block writes its partial sums to its
+// own slot (no atomics), and `reduce_partials` adds each tensor's partials in block order, so
+// results are deterministic. The tensor reduced is TensorEntry::p; `centered` reads the mean
+// from w[0].
+#include "common.cuh"
+
+// out[2b] = Σx, out[2b+1] = Σx² over block b's chunk, in double.
+template <typename P>
+__device__ void sums(const TensorEntry* __restrict__ ts, const BlockEntry* __restrict__ bs,
+                     double* __restrict__ out) {
+  CO_TENSOR(t)
+  const P* __restrict__ x = (const P*)t.p;
+  double s = 0.0, q = 0.0;
+  CO_LOOP(t, i) {
+    const double v = (double)Elem<P>::load(x[i]);
+    s += v;
+    q += v * v;
+  }
+  s = block_sum(s);
+  q = block_sum(q);
+  if (threadIdx.x == 0) {
+    out[2 * blockIdx.x] = s;
+    out[2 * blockIdx.x + 1] = q;
+  }
+}
+
+// out[b] = Σ(x − mean)² over block b's chunk, mean = t.w[0].
+template <typename P>
+__device__ void centered(const TensorEntry* __restrict__ ts, const BlockEntry* __restrict__ bs,
+                         double* __restrict__ out) {
+  CO_TENSOR(t)
+  const P* __restrict__ x = (const P*)t.p;
+  const double mean = t.w[0];
+  double q = 0.0;
+  CO_LOOP(t, i) {
+    const double d = (double)Elem<P>::load(x[i]) - mean;
+    q += d * d;
+  }
+  q = block_sum(q);
+  if (threadIdx.x == 0) out[blockIdx.x] = q;
+}
+
+#define CO_REDUCE_ENTRY(NAME, P, SUFFIX)                                                    \
+  extern "C" __global__ void __launch_bounds__(CO_THREADS)                                  \
+      NAME##_##SUFFIX(const TensorEntry* ts, const BlockEntry* bs, double* out) {          \
+    NAME<P>(ts, bs, out);                                                                   \
+  }
+CO_REDUCE_ENTRY(sums, float, f32)
+CO_REDUCE_ENTRY(sums, double, f64)
+CO_REDUCE_ENTRY(sums, __nv_bfloat16, bf16)
+CO_REDUCE_ENTRY(sums, __half, f16)
+CO_REDUCE_ENTRY(centered, float, f32)
+CO_REDUCE_ENTRY(centered, double, f64)
+CO_REDUCE_ENTRY(centered, __nv_bfloat16, bf16)
+CO_REDUCE_ENTRY(centered, __half, f16)
+
+// One block per tensor t: out[t*width + k] = Σ partials[b*width + k] over the tensor's blocks
+// b in [first[t], first[t+1]), added in a fixed order.
+extern "C" __global__ void __launch_bounds__(CO_THREADS)
+    reduce_partials(const double* __restrict__ partials, const unsigned int* __restrict__ first,
+                    unsigned int width, double* __restrict__ out) {
+  const unsigned int t = blockIdx.x;
+  for (unsigned int k = 0; k < width; ++k) {
+    double s = 0.0;
+    for (unsigned int b = first[t] + threadIdx.x; b < first[t + 1]; b += blockDim.x)
+      s += partials[b * width + k];
+    s = block_sum(s);
+    if (threadIdx.x == 0) out[t * width + k] = s;
+  }
+}

@@ -1,0 +1,29 @@
+// SGD-SaI (authors' code, all three gsnr modes: the per-tensor factor is folded into the step
+// size on the host), one fused pass. Mirrors src/algorithms/sgd_sai.rs.
+// Slots: s[0] momentum_buffer (absent when momentum = 0).
+// Words: 0 decay = 1 - wd*lr, 1 step size lr*gsnr (/max), 2 momentum, 3 1 - momentum,
+//        4 first step of this tensor (0/1: buf = g), 5 grad scale.
+#include "common.cuh"
+
+template <typename P>
+__device__ void sgd_sai(const TensorEntry* __restrict__ ts, const BlockEntry* __restrict__ bs) {
+  typedef typename Elem<P>::M M;
+  CO_TENSOR(t)
+  const double* w = t.w;
+  const M decay = (M)w[0], neg_s = (M)(-w[1]), mu = (M)w[2], omu = (M)w[3], gs = (M)w[5];
+  const bool first = w[4] != 0.0, has_buf = t.s[0] != 0;
+  P* __restrict__ p = (P*)t.p;
+  const P* __restrict__ g = (const P*)t.g;
+  M* __restrict__ buf = (M*)t.s[0];
+  CO_LOOP(t, i) {
+    const M gi = Elem<P>::load(g[i]) * gs;
+    M b = gi;
+    if (has_buf) {
+      if (!first) b = buf[i] * mu + omu * gi;
+      buf[i] = b;
+    }
+    p[i] = Elem<P>::store(Elem<P>::load(p[i]) * decay + neg_s * b);
+  }
+}
+
+CO_ENTRY_POINTS(sgd_sai)
