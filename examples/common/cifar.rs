@@ -74,6 +74,65 @@ impl Split {
             Tensor::from_vec(y, idx.len(), dev)?,
         ))
     }
+
+    /// Like [`batch`](Self::batch), with the standard CIFAR augmentation: a random 32×32 crop
+    /// of the image padded by 4 pixels of zeros (after normalisation), and a horizontal flip
+    /// with probability ½; `below(n)` draws a uniform integer in `0..n`.
+    pub fn batch_augmented(
+        &self,
+        idx: &[usize],
+        mean: [f32; 3],
+        std: [f32; 3],
+        dev: &Device,
+        below: &mut dyn FnMut(usize) -> usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut x = vec![0f32; idx.len() * 3072];
+        let mut y = Vec::with_capacity(idx.len());
+        for (n, &i) in idx.iter().enumerate() {
+            let img = &self.images[i * 3072..(i + 1) * 3072];
+            let dy = below(9) as isize - 4;
+            let dx = below(9) as isize - 4;
+            let flip = below(2) == 1;
+            let out = &mut x[n * 3072..(n + 1) * 3072];
+            for c in 0..3 {
+                for r in 0..32isize {
+                    for col in 0..32isize {
+                        let (sr, sc) = (r + dy, if flip { 31 - col } else { col } + dx);
+                        let v = if (0..32).contains(&sr) && (0..32).contains(&sc) {
+                            (img[c * 1024 + (sr * 32 + sc) as usize] as f32 / 255.0 - mean[c])
+                                / std[c]
+                        } else {
+                            0.0
+                        };
+                        out[c * 1024 + (r * 32 + col) as usize] = v;
+                    }
+                }
+            }
+            y.push(self.labels[i] as u32);
+        }
+        Ok((
+            Tensor::from_vec(x, (idx.len(), 3, 32, 32), dev)?,
+            Tensor::from_vec(y, idx.len(), dev)?,
+        ))
+    }
+
+    /// The first `n` records (all if fewer).
+    pub fn head(&self, n: usize) -> Split {
+        let n = n.min(self.len());
+        Split {
+            images: self.images[..n * 3072].to_vec(),
+            labels: self.labels[..n].to_vec(),
+        }
+    }
+
+    /// Images per class.
+    pub fn class_counts(&self) -> [usize; 10] {
+        let mut c = [0; 10];
+        for &l in &self.labels {
+            c[l as usize] += 1;
+        }
+        c
+    }
 }
 
 /// Reads one file (`.bin` or `.bin.gz`).

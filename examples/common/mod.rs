@@ -1,8 +1,13 @@
 //! Shared pieces of the examples: a CIFAR-10 binary reader, seeded initialisation, building an
-//! optimizer by name, and small statistics helpers.
+//! optimizer by name, a training loop with progress bar and checkpoints, transformer layers,
+//! loss-curve plots and a text corpus with GPT-2's tokenizer.
 #![allow(dead_code)]
 
 pub mod cifar;
+pub mod nn;
+pub mod plot;
+pub mod text;
+pub mod train;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -151,13 +156,71 @@ pub fn human_bytes(b: usize) -> String {
     }
 }
 
-/// The device named on the command line.
+/// The error type of the examples' `main`s.
+pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The device named on the command line (`cpu`, `cuda` or `cuda:N`).
 pub fn device(name: &str) -> candle_core::Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0),
-        other => candle_core::bail!("unknown device {other} (cpu or cuda)"),
+    let ordinal = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => i,
+            _ => candle_core::bail!("unknown device {other:?} (cpu, cuda or cuda:N)"),
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        candle_core::bail!(
+            "--device cuda needs the examples built with the `cuda` feature, e.g. \
+             `cargo run --release --features cuda --example NAME -- --device cuda` \
+             (this binary was built without it)"
+        );
     }
+    Device::new_cuda(ordinal)
+        .map_err(|e| candle_core::Error::Msg(format!("could not open CUDA device {ordinal}: {e}")))
+}
+
+/// Parses `--compare`: `all`, or optimizer names separated by commas.
+pub fn parse_algos(spec: &str) -> std::result::Result<Vec<Algo>, String> {
+    if spec.trim().eq_ignore_ascii_case("all") {
+        return Ok(Algo::ALL.to_vec());
+    }
+    let mut out = Vec::new();
+    for name in spec.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let algo = Algo::from_name(name).ok_or_else(|| {
+            let known: Vec<_> = Algo::ALL.iter().map(|a| a.name()).collect();
+            format!(
+                "unknown optimizer {name:?} (one of {} or all)",
+                known.join(", ")
+            )
+        })?;
+        if !out.contains(&algo) {
+            out.push(algo);
+        }
+    }
+    if out.is_empty() {
+        return Err("--compare needs at least one optimizer name, or all".into());
+    }
+    Ok(out)
+}
+
+/// Parses one optimizer name.
+pub fn parse_algo(name: &str) -> std::result::Result<Algo, String> {
+    match parse_algos(name)?.as_slice() {
+        [a] => Ok(*a),
+        _ => Err(format!(
+            "--optimizer takes one name, got {name:?} (use --compare for several)"
+        )),
+    }
+}
+
+/// Total number of elements of the trainable (non-running-statistics) variables.
+pub fn count_params(varmap: &VarMap) -> usize {
+    let data = varmap.data().lock().expect("varmap lock");
+    data.iter()
+        .filter(|(k, _)| !k.contains("running_"))
+        .map(|(_, v)| v.elem_count())
+        .sum()
 }
 
 pub fn dtype_f32() -> DType {

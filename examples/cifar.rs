@@ -1,0 +1,625 @@
+//! Image classification on CIFAR-10 (or, offline, the Fashion-MNIST subset bundled with the
+//! repo) with a small ResNet or a small ViT written on candle-nn, trained by any of the crate's
+//! optimizers, or by several of them in turn for a comparison.
+//!
+//! ```text
+//! cargo run --release --example cifar                                  # ResNet, bundled data
+//! cargo run --release --example cifar -- --model vit --optimizer adamw
+//! cargo run --release --example cifar -- --data-dir path/to/cifar-10-batches-bin
+//! cargo run --release --example cifar -- --compare all --steps 300    # table + PNG
+//! cargo run --release --example cifar -- --save ckpt --steps 200      # then --resume ckpt --steps 400
+//! ```
+//!
+//! Without `--data-dir` the example trains on `examples/data/fashion-mnist`: 8000 training and
+//! 2000 test images of Fashion-MNIST (MIT licence), padded to 32×32×3 and stored in the CIFAR-10
+//! binary format, so the same reader runs on both. It says which data set it is using.
+
+mod common;
+
+use candle_core::{DType, Device, ModuleT, Tensor, D};
+use candle_nn::{
+    batch_norm, conv2d_no_bias, linear, BatchNorm, Conv2d, Conv2dConfig, Linear, Module,
+    VarBuilder, VarMap,
+};
+use candle_optim::Algo;
+use clap::{Parser, ValueEnum};
+use common::train::{self, Eval, Settings, Task};
+use common::{cifar, nn, Result, Rng};
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Model {
+    /// ResNet-style: a 3×3 stem, three stages of basic blocks (16, 32, 64 channels, stride 2
+    /// between stages), BatchNorm (training mode while training), global average pooling.
+    Resnet,
+    /// A small ViT: 4×4 patches (64 tokens), learned positions, pre-LayerNorm blocks, mean
+    /// pooling.
+    Vit,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Train a small ResNet or ViT on CIFAR-10 (or the bundled Fashion-MNIST subset)")]
+struct Args {
+    /// The network.
+    #[arg(long, value_enum, default_value_t = Model::Resnet)]
+    model: Model,
+    /// Directory with CIFAR-10's binary files (data_batch_1..5.bin, test_batch.bin). Without
+    /// it: the Fashion-MNIST subset bundled with the repo.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The optimizer: sgd_sai, adamw, adamp, adabelief, diffgrad, adan or lion.
+    #[arg(long, default_value = "sgd_sai")]
+    optimizer: String,
+    /// Train each of these optimizers (comma-separated, or `all`) from the same seed and data,
+    /// and write a table and a plot of the loss curves to --out.
+    #[arg(long)]
+    compare: Option<String>,
+    /// Peak learning rate (default: tuned per optimizer and model, see `default_lr`).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Decoupled weight decay (Lion gets 10× this).
+    #[arg(long, default_value_t = 5e-2)]
+    weight_decay: f64,
+    /// Training steps.
+    #[arg(long, default_value_t = 500)]
+    steps: usize,
+    /// Channels of the ResNet's first stage (default 16), or the ViT's width (default 64).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Seed of the initialisation and the data order.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// cpu, or cuda (build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Random crops and horizontal flips of the training images.
+    #[arg(long)]
+    augment: bool,
+    /// Evaluate on the test images every this many steps (0: only at the end; default: 10
+    /// evaluations per run).
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Test images used for evaluation (default: all of the test split; the evaluations
+    /// during training use at most 1000 of them).
+    #[arg(long)]
+    eval_size: Option<usize>,
+    /// Save model and optimizer state to this directory (at the end, and every --save-every
+    /// steps). With --compare, one subdirectory per optimizer.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Continue training from a checkpoint written by --save (same settings; --steps may grow).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Where --compare writes compare.md and compare.png.
+    #[arg(long, default_value = "target/compare/cifar")]
+    out: PathBuf,
+}
+
+/// Peak learning rates that train each model well with each optimizer (found by short sweeps
+/// on the bundled data; see examples/results/README.md).
+fn default_lr(model: Model, algo: Algo) -> f64 {
+    match (model, algo) {
+        (Model::Resnet, Algo::SgdSai) => 1e-2,
+        (Model::Resnet, Algo::Lion) => 3e-4,
+        (Model::Resnet, Algo::Adan) => 3e-3,
+        (Model::Resnet, _) => 3e-3,
+        (Model::Vit, Algo::SgdSai) => 1e-3,
+        (Model::Vit, Algo::Lion) => 1e-4,
+        (Model::Vit, Algo::Adan) => 2e-3,
+        (Model::Vit, _) => 1e-3,
+    }
+}
+
+struct ConvBn {
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+impl ConvBn {
+    fn new(cin: usize, cout: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: k / 2,
+            stride,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: conv2d_no_bias(cin, cout, k, cfg, vb.pp("conv"))?,
+            bn: batch_norm(cout, 1e-5, vb.pp("bn"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.bn.forward_t(&self.conv.forward(x)?, train)
+    }
+}
+
+/// Two 3×3 conv-BN layers with an identity (or 1×1 conv-BN) shortcut.
+struct BasicBlock {
+    c1: ConvBn,
+    c2: ConvBn,
+    shortcut: Option<ConvBn>,
+}
+
+impl BasicBlock {
+    fn new(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+        let shortcut = if stride != 1 || cin != cout {
+            Some(ConvBn::new(cin, cout, 1, stride, vb.pp("shortcut"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            c1: ConvBn::new(cin, cout, 3, stride, vb.pp("c1"))?,
+            c2: ConvBn::new(cout, cout, 3, 1, vb.pp("c2"))?,
+            shortcut,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let y = self.c1.forward(x, train)?.relu()?;
+        let y = self.c2.forward(&y, train)?;
+        let s = match &self.shortcut {
+            Some(s) => s.forward(x, train)?,
+            None => x.clone(),
+        };
+        (y + s)?.relu()
+    }
+}
+
+struct ResNet {
+    stem: ConvBn,
+    blocks: Vec<BasicBlock>,
+    fc: Linear,
+}
+
+impl ResNet {
+    /// `width` channels after the stem, doubling (and halving the resolution) at each of the
+    /// next two stages. The stem has stride 2 (32×32 → 16×16): candle's CPU convolutions and
+    /// BatchNorm are slow enough that a full-resolution first stage would triple the step time.
+    fn new(width: usize, vb: VarBuilder) -> Result<Self> {
+        let widths = [width, 2 * width, 4 * width];
+        let mut blocks = Vec::new();
+        let mut cin = width;
+        for (i, &w) in widths.iter().enumerate() {
+            let stride = if i == 0 { 1 } else { 2 };
+            blocks.push(BasicBlock::new(
+                cin,
+                w,
+                stride,
+                vb.pp(format!("layer{}", i + 1)),
+            )?);
+            cin = w;
+        }
+        Ok(Self {
+            stem: ConvBn::new(3, width, 3, 2, vb.pp("stem"))?,
+            blocks,
+            fc: linear(cin, 10, vb.pp("fc"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let mut x = self.stem.forward(x, train)?.relu()?;
+        for b in &self.blocks {
+            x = b.forward(&x, train)?;
+        }
+        self.fc.forward(&x.mean((2, 3))?)
+    }
+}
+
+struct Vit {
+    patch: Linear,
+    pos: Tensor,
+    blocks: Vec<nn::Block>,
+    ln_f: nn::LayerNorm,
+    head: Linear,
+}
+
+impl Vit {
+    const PATCH: usize = 4;
+    const DEPTH: usize = 4;
+    const HEAD_DIM: usize = 32;
+    const MLP_RATIO: usize = 2;
+
+    /// `width`-wide tokens (a multiple of 32: heads of 32 channels).
+    fn new(width: usize, vb: VarBuilder) -> Result<Self> {
+        let tokens = (32 / Self::PATCH) * (32 / Self::PATCH);
+        let d = width;
+        if !d.is_multiple_of(Self::HEAD_DIM) {
+            return Err(format!("--width {d}: the ViT needs a multiple of 32").into());
+        }
+        Ok(Self {
+            patch: linear(3 * Self::PATCH * Self::PATCH, d, vb.pp("patch"))?,
+            pos: vb.get_with_hints((1, tokens, d), "pos_emb", candle_nn::Init::Const(0.0))?,
+            blocks: (0..Self::DEPTH)
+                .map(|i| {
+                    nn::Block::new(
+                        d,
+                        d / Self::HEAD_DIM,
+                        Self::MLP_RATIO,
+                        vb.pp(format!("blocks.{i}")),
+                    )
+                })
+                .collect::<candle_core::Result<_>>()?,
+            ln_f: nn::LayerNorm::new(d, vb.pp("ln_f"))?,
+            head: linear(d, 10, vb.pp("head"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let b = x.dim(0)?;
+        let (p, g) = (Self::PATCH, 32 / Self::PATCH);
+        // [b, 3, 32, 32] -> [b, 64 patches, 3·4·4]
+        let x = x
+            .reshape((b, 3, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b, g * g, 3 * p * p))?;
+        let mut x = self.patch.forward(&x)?.broadcast_add(&self.pos)?;
+        for blk in &self.blocks {
+            x = blk.forward(&x, None)?;
+        }
+        self.head.forward(&self.ln_f.forward(&x)?.mean(1)?)
+    }
+}
+
+enum Net {
+    Resnet(ResNet),
+    Vit(Vit),
+}
+
+impl Net {
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match self {
+            Net::Resnet(m) => m.forward(x, train),
+            Net::Vit(m) => m.forward(x),
+        }
+    }
+}
+
+/// Builds the network into a fresh VarMap and initialises it from `seed`.
+fn build(model: Model, width: usize, seed: u64, dev: &Device) -> Result<(VarMap, Net)> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    let net = match model {
+        Model::Resnet => {
+            let m = ResNet::new(width, vb)?;
+            common::seeded_init(&varmap, seed, common::default_init)?;
+            Net::Resnet(m)
+        }
+        Model::Vit => {
+            let m = Vit::new(width, vb)?;
+            common::seeded_init(&varmap, seed, nn::gpt2_init(Vit::DEPTH))?;
+            Net::Vit(m)
+        }
+    };
+    Ok((varmap, net))
+}
+
+/// Which images, and how to normalise them.
+struct Data {
+    train: cifar::Split,
+    test: cifar::Split,
+    mean: [f32; 3],
+    std: [f32; 3],
+    classes: [&'static str; 10],
+    name: String,
+}
+
+fn load_data(dir: Option<&PathBuf>) -> Result<Data> {
+    match dir {
+        Some(d) => {
+            let (train, test) = cifar::load_dir(d)?;
+            Ok(Data {
+                name: format!(
+                    "CIFAR-10 from {} ({} training / {} test images)",
+                    d.display(),
+                    train.len(),
+                    test.len()
+                ),
+                train,
+                test,
+                mean: [0.4914, 0.4822, 0.4465],
+                std: [0.2470, 0.2435, 0.2616],
+                classes: [
+                    "airplane",
+                    "automobile",
+                    "bird",
+                    "cat",
+                    "deer",
+                    "dog",
+                    "frog",
+                    "horse",
+                    "ship",
+                    "truck",
+                ],
+            })
+        }
+        None => {
+            let (train, test) = cifar::load_dir(&cifar::bundled_dir())?;
+            Ok(Data {
+                name: format!(
+                    "the Fashion-MNIST subset bundled with the repo, NOT CIFAR-10 \
+                     (examples/data/fashion-mnist: {} training / {} test images, 28×28 grey \
+                     padded to 32×32×3 in CIFAR-10's format; pass --data-dir \
+                     path/to/cifar-10-batches-bin for CIFAR-10)",
+                    train.len(),
+                    test.len()
+                ),
+                train,
+                test,
+                mean: [0.2189; 3],
+                std: [0.3477; 3],
+                classes: [
+                    "T-shirt/top",
+                    "trouser",
+                    "pullover",
+                    "dress",
+                    "coat",
+                    "sandal",
+                    "shirt",
+                    "sneaker",
+                    "bag",
+                    "ankle boot",
+                ],
+            })
+        }
+    }
+}
+
+struct ImageTask<'a> {
+    net: Net,
+    data: &'a Data,
+    test: cifar::Split,
+    batch: usize,
+    seed: u64,
+    augment: bool,
+    dev: Device,
+    /// The current epoch's permutation of the training images.
+    perm: (usize, Vec<usize>),
+}
+
+impl ImageTask<'_> {
+    /// The training image at position `k` of the (endless) epoch-shuffled stream.
+    fn sample(&mut self, k: usize) -> usize {
+        let n = self.data.train.len();
+        let epoch = k / n;
+        if self.perm.0 != epoch || self.perm.1.is_empty() {
+            let mut p: Vec<usize> = (0..n).collect();
+            Rng::new(self.seed ^ 0xC1FA_0000 ^ (epoch as u64).wrapping_mul(0x9E37_79B9))
+                .shuffle(&mut p);
+            self.perm = (epoch, p);
+        }
+        self.perm.1[k % n]
+    }
+
+    fn eval_on(&self, n: usize) -> candle_core::Result<Eval> {
+        let n = n.min(self.test.len());
+        let (mut loss, mut correct) = (0.0, 0.0);
+        let chunk = 250;
+        let mut i = 0;
+        while i < n {
+            let idx: Vec<usize> = (i..(i + chunk).min(n)).collect();
+            let (x, y) = self
+                .test
+                .batch(&idx, self.data.mean, self.data.std, &self.dev)?;
+            let logits = self.net.forward(&x, false)?;
+            loss += candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64
+                * idx.len() as f64;
+            correct += logits
+                .argmax(D::Minus1)?
+                .eq(&y)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()? as f64;
+            i += chunk;
+        }
+        Ok(Eval {
+            loss: loss / n as f64,
+            acc: Some(correct / n as f64),
+        })
+    }
+}
+
+impl Task for ImageTask<'_> {
+    fn train_loss(&mut self, step: usize) -> candle_core::Result<Tensor> {
+        let idx: Vec<usize> = (0..self.batch)
+            .map(|j| self.sample(step * self.batch + j))
+            .collect();
+        let (x, y) = if self.augment {
+            let mut rng = Rng::new(self.seed ^ 0xA6 ^ (step as u64).wrapping_mul(0x2545_F491));
+            let mut below = |n: usize| rng.below(n);
+            self.data.train.batch_augmented(
+                &idx,
+                self.data.mean,
+                self.data.std,
+                &self.dev,
+                &mut below,
+            )?
+        } else {
+            self.data
+                .train
+                .batch(&idx, self.data.mean, self.data.std, &self.dev)?
+        };
+        candle_nn::loss::cross_entropy(&self.net.forward(&x, true)?, &y)
+    }
+
+    fn evaluate(&mut self, full: bool) -> candle_core::Result<Eval> {
+        let n = if full {
+            self.test.len()
+        } else {
+            self.test.len().min(1000)
+        };
+        self.eval_on(n)
+    }
+
+    fn items_per_step(&self) -> usize {
+        self.batch
+    }
+
+    fn unit(&self) -> &'static str {
+        "img"
+    }
+}
+
+fn describe(model: Model, w: usize) -> String {
+    match model {
+        Model::Resnet => format!(
+            "ResNet-8 (stride-2 stem, basic blocks of {w}-{}-{} channels, BatchNorm)",
+            2 * w,
+            4 * w
+        ),
+        Model::Vit => format!(
+            "ViT (4×4 patches → 64 tokens, width {w}, {} blocks, {} heads)",
+            Vit::DEPTH,
+            w / Vit::HEAD_DIM
+        ),
+    }
+}
+
+fn width(args: &Args) -> usize {
+    args.width.unwrap_or(match args.model {
+        Model::Resnet => 16,
+        Model::Vit => 64,
+    })
+}
+
+fn run_one(
+    args: &Args,
+    algo: Algo,
+    data: &Data,
+    dev: &Device,
+    save: Option<PathBuf>,
+    resume: Option<PathBuf>,
+) -> Result<train::Outcome> {
+    let (mut varmap, net) = build(args.model, width(args), args.seed, dev)?;
+    let lr = args.lr.unwrap_or_else(|| default_lr(args.model, algo));
+    let mut opt = common::make_optimizer(algo, &varmap, lr, args.weight_decay)?;
+    let test = match args.eval_size {
+        Some(n) => data.test.head(n),
+        None => data.test.clone(),
+    };
+    let mut task = ImageTask {
+        net,
+        data,
+        test,
+        batch: args.batch,
+        seed: args.seed,
+        augment: args.augment,
+        dev: dev.clone(),
+        perm: (0, Vec::new()),
+    };
+    let settings = Settings {
+        steps: args.steps,
+        eval_every: args.eval_every.unwrap_or((args.steps / 10).max(1)),
+        save_every: args.save_every,
+        save,
+        resume,
+        example: "cifar",
+        lr,
+        schedule: train::default_schedule(args.steps),
+        config: json!({
+            "model": describe(args.model, width(args)),
+            "data": data.name,
+            "batch": args.batch,
+            "seed": args.seed,
+            "augment": args.augment,
+            "lr": lr,
+            "weight_decay": args.weight_decay,
+        }),
+    };
+    train::train(&mut task, &mut varmap, opt.as_mut(), algo, &settings)
+}
+
+fn main() {
+    train::exit_on_error(run(Args::parse()));
+}
+
+fn run(args: Args) -> Result<()> {
+    let dev = common::device(&args.device)?;
+    let data = load_data(args.data_dir.as_ref())?;
+    if args.steps == 0 || args.batch == 0 {
+        return Err("--steps and --batch must be at least 1".into());
+    }
+    if args.batch > data.train.len() {
+        return Err(format!(
+            "--batch {} exceeds the {} training images",
+            args.batch,
+            data.train.len()
+        )
+        .into());
+    }
+    println!("Data: {}.", data.name);
+    let counts = data.train.class_counts();
+    println!(
+        "Classes: {}",
+        data.classes
+            .iter()
+            .zip(counts)
+            .map(|(c, n)| format!("{c} ({n})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let (varmap, _) = build(args.model, width(&args), args.seed, &dev)?;
+    println!(
+        "Model: {} with {} parameters; {} steps of {} images{} on {:?}, seed {}.",
+        describe(args.model, width(&args)),
+        common::count_params(&varmap),
+        args.steps,
+        args.batch,
+        if args.augment { " (augmented)" } else { "" },
+        dev,
+        args.seed
+    );
+    drop(varmap);
+    match &args.compare {
+        None => {
+            let algo = common::parse_algo(&args.optimizer)?;
+            println!(
+                "Optimizer: {} (lr {:.1e}, weight decay {:.0e}, warmup + cosine schedule).",
+                algo.name(),
+                args.lr.unwrap_or_else(|| default_lr(args.model, algo)),
+                args.weight_decay * if algo == Algo::Lion { 10.0 } else { 1.0 }
+            );
+            run_one(
+                &args,
+                algo,
+                &data,
+                &dev,
+                args.save.clone(),
+                args.resume.clone(),
+            )?;
+        }
+        Some(spec) => {
+            let algos = common::parse_algos(spec)?;
+            if args.resume.is_some() {
+                return Err("--resume works with a single --optimizer, not --compare".into());
+            }
+            let mut outcomes = Vec::new();
+            for &algo in &algos {
+                let save = args.save.as_ref().map(|d| d.join(algo.name()));
+                outcomes.push(run_one(&args, algo, &data, &dev, save, None)?);
+            }
+            let title = format!(
+                "{} on {}: {} steps of {}, seed {}",
+                match args.model {
+                    Model::Resnet => "ResNet",
+                    Model::Vit => "ViT",
+                },
+                if args.data_dir.is_some() {
+                    "CIFAR-10"
+                } else {
+                    "Fashion-MNIST subset"
+                },
+                args.steps,
+                args.batch,
+                args.seed
+            );
+            train::report(&args.out, &title, &outcomes, true)?;
+        }
+    }
+    Ok(())
+}

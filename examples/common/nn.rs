@@ -1,0 +1,152 @@
+//! Transformer layers on candle-nn, shared by the GPT-2 and ViT examples.
+//!
+//! candle-nn 0.11's `LayerNorm` module and `ops::softmax_last_dim` run fused kernels that have
+//! no backward pass (gradients silently stop there), so the layers here use the composed,
+//! differentiable forms (`ops::layer_norm_slow`, `ops::softmax`).
+
+use candle_core::{Device, Result, Tensor, D};
+use candle_nn::{linear, Init, Linear, Module, VarBuilder};
+
+/// Layer normalisation over the last dimension, with gain `weight` and bias `bias`.
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
+            eps: 1e-5,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// Multi-head self-attention with one fused q/k/v projection (GPT-2's `c_attn`, `c_proj`).
+pub struct Attention {
+    c_attn: Linear,
+    c_proj: Linear,
+    n_head: usize,
+}
+
+impl Attention {
+    pub fn new(dim: usize, n_head: usize, vb: VarBuilder) -> Result<Self> {
+        if !dim.is_multiple_of(n_head) {
+            candle_core::bail!("width {dim} is not a multiple of the {n_head} heads");
+        }
+        Ok(Self {
+            c_attn: linear(dim, 3 * dim, vb.pp("c_attn"))?,
+            c_proj: linear(dim, dim, vb.pp("c_proj"))?,
+            n_head,
+        })
+    }
+
+    /// `x`: `[b, t, c]`; `mask`: an additive `[t, t]` mask (0 or -inf), or none.
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let hd = c / self.n_head;
+        let qkv = self
+            .c_attn
+            .forward(x)?
+            .reshape((b, t, 3, self.n_head, hd))?
+            .permute((2, 0, 3, 1, 4))?; // [3, b, h, t, hd]
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let att = match mask {
+            Some(m) => att.broadcast_add(m)?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        self.c_proj.forward(&y)
+    }
+}
+
+/// The causal mask: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(t: usize, dev: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..t * t)
+        .map(|i| {
+            if i % t > i / t {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, (t, t), dev)
+}
+
+/// The feed-forward part: `c_fc` to `hidden`, GELU (tanh form, as GPT-2), `c_proj` back.
+pub struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+}
+
+impl Mlp {
+    pub fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            c_fc: linear(dim, hidden, vb.pp("c_fc"))?,
+            c_proj: linear(hidden, dim, vb.pp("c_proj"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.c_proj.forward(&self.c_fc.forward(x)?.gelu()?)
+    }
+}
+
+/// A pre-LayerNorm transformer block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
+pub struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    pub fn new(dim: usize, n_head: usize, mlp_ratio: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            ln_1: LayerNorm::new(dim, vb.pp("ln_1"))?,
+            attn: Attention::new(dim, n_head, vb.pp("attn"))?,
+            ln_2: LayerNorm::new(dim, vb.pp("ln_2"))?,
+            mlp: Mlp::new(dim, mlp_ratio * dim, vb.pp("mlp"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
+        &x + self.mlp.forward(&self.ln_2.forward(&x)?)?
+    }
+}
+
+/// GPT-2's initialisation by name: every weight matrix and embedding N(0, 0.02²), the
+/// projections back into the residual stream (`c_proj`) N(0, (0.02/√(2·layers))²), biases 0,
+/// LayerNorm gains 1.
+pub fn gpt2_init(n_layer: usize) -> impl Fn(&str, &[usize]) -> super::Init {
+    move |name: &str, shape: &[usize]| {
+        let last = name.rsplit('.').next().unwrap_or(name);
+        if shape.len() <= 1 {
+            if last == "bias" {
+                super::Init::Const(0.0)
+            } else {
+                super::Init::Const(1.0)
+            }
+        } else if name.ends_with("c_proj.weight") {
+            super::Init::Normal(0.02 / (2.0 * n_layer as f64).sqrt())
+        } else {
+            super::Init::Normal(0.02)
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! A GPT-2-style language model on candle-nn (learned positions, pre-LayerNorm blocks, GELU,
+//! causal self-attention, output head tied to the token embedding), with GPT-2's BPE tokenizer
+//! (tiktoken-rs, compiled in), trained by any of the crate's optimizers or by several in turn.
+//!
+//! ```text
+//! cargo run --release --example gpt2                                   # tiny preset, bundled text
+//! cargo run --release --example gpt2 -- --optimizer adamw --steps 1000
+//! cargo run --release --example gpt2 -- --text my.txt --preset small
+//! cargo run --release --example gpt2 -- --compare all --steps 150     # table + PNG
+//! cargo run --release --features cuda --example gpt2 -- --preset gpt2-small --device cuda
+//! ```
+//!
+//! Presets: `tiny` (the default; trains visibly on a laptop CPU in minutes), `small`, and
+//! `gpt2-small`, the real 124M-parameter configuration (12 layers, 12 heads, width 768, context
+//! 1024, the full 50257-token vocabulary), meant for `--features cuda` (on a CPU, a few steps).
+//! The CPU presets keep only the GPT-2 token ids that occur in the corpus (`--vocab corpus`),
+//! which makes the output layer several times smaller; `--vocab full` keeps all 50257.
+
+mod common;
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_nn::{embedding, Embedding, VarBuilder, VarMap};
+use candle_optim::Algo;
+use clap::{Parser, ValueEnum};
+use common::train::{self, Eval, Settings, Task};
+use common::{nn, text, Result, Rng};
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Preset {
+    /// 4 layers, 4 heads, width 128, context 64; batch 8.
+    Tiny,
+    /// 6 layers, 6 heads, width 384, context 256; batch 16.
+    Small,
+    /// GPT-2 small: 12 layers, 12 heads, width 768, context 1024, full vocabulary; batch 8.
+    #[value(name = "gpt2-small")]
+    Gpt2Small,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum VocabChoice {
+    /// All 50257 GPT-2 tokens.
+    Full,
+    /// Only the GPT-2 token ids that occur in the corpus.
+    Corpus,
+}
+
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+struct Config {
+    n_layer: usize,
+    n_head: usize,
+    n_embd: usize,
+    /// Positions (the preset's context length; training windows may be shorter).
+    n_ctx: usize,
+    vocab: usize,
+}
+
+impl Preset {
+    /// (layers, heads, width, context, batch, steps, full vocabulary)
+    fn shape(self) -> (usize, usize, usize, usize, usize, usize, bool) {
+        match self {
+            Preset::Tiny => (4, 4, 128, 64, 8, 600, false),
+            Preset::Small => (6, 6, 384, 256, 16, 2000, false),
+            Preset::Gpt2Small => (12, 12, 768, 1024, 8, 5000, true),
+        }
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Train a GPT-2-style language model on the bundled public-domain texts (or --text)"
+)]
+struct Args {
+    /// Model size.
+    #[arg(long, value_enum, default_value_t = Preset::Tiny)]
+    preset: Preset,
+    /// The optimizer: sgd_sai, adamw, adamp, adabelief, diffgrad, adan or lion.
+    #[arg(long, default_value = "sgd_sai")]
+    optimizer: String,
+    /// Train each of these optimizers (comma-separated, or `all`) from the same seed and data,
+    /// and write a table and a plot of the loss curves to --out.
+    #[arg(long)]
+    compare: Option<String>,
+    /// Peak learning rate (default: tuned per optimizer, see `default_lr`).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Decoupled weight decay (Lion gets 10× this).
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    /// Training steps (default: per preset).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Sequences per step (default: per preset).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Context length (default and maximum: the preset's).
+    #[arg(long)]
+    context: Option<usize>,
+    /// Vocabulary (default: corpus for tiny and small, full for gpt2-small).
+    #[arg(long, value_enum)]
+    vocab: Option<VocabChoice>,
+    /// Seed of the initialisation and the data order.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// cpu, or cuda (build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Train on this text file (UTF-8, or gzip if it ends in .gz) instead of the bundled corpus.
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Validate every this many steps (0: only at the end; default: 10 evaluations per run).
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Save model and optimizer state to this directory (at the end, and every --save-every
+    /// steps). With --compare, one subdirectory per optimizer.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Continue training from a checkpoint written by --save (same settings; --steps may grow).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Where --compare writes compare.md and compare.png.
+    #[arg(long, default_value = "target/compare/gpt2")]
+    out: PathBuf,
+    /// Tokens to sample from the model after training (default 120; 0 for gpt2-small).
+    #[arg(long)]
+    sample: Option<usize>,
+}
+
+/// Peak learning rates that train the tiny preset well with each optimizer (found by short
+/// sweeps on the bundled corpus; see examples/results/README.md).
+fn default_lr(algo: Algo) -> f64 {
+    match algo {
+        Algo::SgdSai => 1e-3,
+        Algo::AdamW | Algo::AdamP | Algo::AdaBelief | Algo::DiffGrad => 1e-3,
+        Algo::Adan => 2e-3,
+        Algo::Lion => 1e-4,
+    }
+}
+
+struct Gpt {
+    wte: Embedding,
+    wpe: Embedding,
+    blocks: Vec<nn::Block>,
+    ln_f: nn::LayerNorm,
+    mask: Tensor,
+    cfg: Config,
+}
+
+impl Gpt {
+    fn new(cfg: Config, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            wte: embedding(cfg.vocab, cfg.n_embd, vb.pp("wte"))?,
+            wpe: embedding(cfg.n_ctx, cfg.n_embd, vb.pp("wpe"))?,
+            blocks: (0..cfg.n_layer)
+                .map(|i| nn::Block::new(cfg.n_embd, cfg.n_head, 4, vb.pp(format!("h.{i}"))))
+                .collect::<candle_core::Result<_>>()?,
+            ln_f: nn::LayerNorm::new(cfg.n_embd, vb.pp("ln_f"))?,
+            mask: nn::causal_mask(cfg.n_ctx, vb.device())?,
+            cfg,
+        })
+    }
+
+    /// Logits `[b·t, vocab]` for token ids `idx: [b, t]`.
+    fn forward(&self, idx: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = idx.dims2()?;
+        let pos = Tensor::arange(0u32, t as u32, idx.device())?;
+        let mut x = self
+            .wte
+            .forward(idx)?
+            .broadcast_add(&self.wpe.forward(&pos)?)?;
+        let mask = self.mask.i((..t, ..t))?.contiguous()?;
+        for blk in &self.blocks {
+            x = blk.forward(&x, Some(&mask))?;
+        }
+        let x = self.ln_f.forward(&x)?.reshape((b * t, self.cfg.n_embd))?;
+        // The output head is the token embedding, transposed (weight tying).
+        x.matmul(&self.wte.embeddings().t()?)
+    }
+}
+
+struct LmTask<'a> {
+    model: Gpt,
+    train: &'a [u32],
+    val: &'a [u32],
+    batch: usize,
+    ctx: usize,
+    seed: u64,
+    dev: Device,
+}
+
+impl LmTask<'_> {
+    fn loss_at(&self, tokens: &[u32], starts: &[usize]) -> candle_core::Result<Tensor> {
+        let t = self.ctx;
+        let mut x = Vec::with_capacity(starts.len() * t);
+        let mut y = Vec::with_capacity(starts.len() * t);
+        for &s in starts {
+            x.extend_from_slice(&tokens[s..s + t]);
+            y.extend_from_slice(&tokens[s + 1..s + t + 1]);
+        }
+        let x = Tensor::from_vec(x, (starts.len(), t), &self.dev)?;
+        let y = Tensor::from_vec(y, starts.len() * t, &self.dev)?;
+        candle_nn::loss::cross_entropy(&self.model.forward(&x)?, &y)
+    }
+
+    /// Samples `n` tokens after `prompt` (temperature 0.8, top-40), from `seed`.
+    fn sample(&self, prompt: &[u32], n: usize, seed: u64) -> candle_core::Result<Vec<u32>> {
+        let mut rng = Rng::new(seed);
+        let mut ids = prompt.to_vec();
+        for _ in 0..n {
+            let start = ids.len().saturating_sub(self.ctx);
+            let ctx = &ids[start..];
+            let x = Tensor::new(ctx, &self.dev)?.unsqueeze(0)?;
+            let logits = self.model.forward(&x)?.i(ctx.len() - 1)?;
+            let logits: Vec<f32> = (logits / 0.8)?.to_vec1()?;
+            let mut top: Vec<(usize, f32)> = logits.iter().copied().enumerate().collect();
+            top.sort_by(|a, b| b.1.total_cmp(&a.1));
+            top.truncate(40);
+            let m = top[0].1;
+            let w: Vec<f64> = top.iter().map(|p| ((p.1 - m) as f64).exp()).collect();
+            let mut r = rng.uniform() * w.iter().sum::<f64>();
+            let mut pick = top[top.len() - 1].0;
+            for (p, wi) in top.iter().zip(&w) {
+                if r < *wi {
+                    pick = p.0;
+                    break;
+                }
+                r -= wi;
+            }
+            ids.push(pick as u32);
+        }
+        Ok(ids[prompt.len()..].to_vec())
+    }
+}
+
+impl Task for LmTask<'_> {
+    fn train_loss(&mut self, step: usize) -> candle_core::Result<Tensor> {
+        // Random windows, drawn from the seed and the step alone.
+        let mut rng = Rng::new(self.seed ^ 0x6E27_0000 ^ (step as u64).wrapping_mul(0x9E37_79B9));
+        let span = self.train.len() - self.ctx - 1;
+        let starts: Vec<usize> = (0..self.batch).map(|_| rng.below(span)).collect();
+        self.loss_at(self.train, &starts)
+    }
+
+    fn evaluate(&mut self, full: bool) -> candle_core::Result<Eval> {
+        // Non-overlapping windows over the validation tokens; a spread-out quarter of them
+        // (at least 4 batches' worth) during training, all at the end.
+        let n = (self.val.len() - 1) / self.ctx;
+        let all: Vec<usize> = (0..n).map(|i| i * self.ctx).collect();
+        let picked: Vec<usize> = if full || n <= 4 * self.batch {
+            all
+        } else {
+            let k = (n / 4).max(4 * self.batch);
+            (0..k).map(|i| all[i * n / k]).collect()
+        };
+        let mut total = 0.0;
+        for chunk in picked.chunks((16384 / self.ctx).clamp(1, 64)) {
+            total += self.loss_at(self.val, chunk)?.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+        }
+        Ok(Eval {
+            loss: total / picked.len() as f64,
+            acc: None,
+        })
+    }
+
+    fn items_per_step(&self) -> usize {
+        self.batch * self.ctx
+    }
+
+    fn unit(&self) -> &'static str {
+        "tok"
+    }
+}
+
+/// Everything the runs of one invocation share.
+struct Setup {
+    cfg: Config,
+    /// Training and validation window length.
+    ctx: usize,
+    batch: usize,
+    steps: usize,
+    train: Vec<u32>,
+    val: Vec<u32>,
+    vocab: text::Vocab,
+}
+
+fn build(cfg: Config, seed: u64, dev: &Device) -> Result<(VarMap, Gpt)> {
+    let varmap = VarMap::new();
+    let model = Gpt::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
+    common::seeded_init(&varmap, seed, nn::gpt2_init(cfg.n_layer))?;
+    Ok((varmap, model))
+}
+
+fn run_one<'a>(
+    args: &Args,
+    setup: &'a Setup,
+    algo: Algo,
+    dev: &Device,
+    save: Option<PathBuf>,
+    resume: Option<PathBuf>,
+) -> Result<(train::Outcome, LmTask<'a>)> {
+    let (mut varmap, model) = build(setup.cfg, args.seed, dev)?;
+    let lr = args.lr.unwrap_or_else(|| default_lr(algo));
+    let mut opt = common::make_optimizer(algo, &varmap, lr, args.weight_decay)?;
+    opt.set_max_grad_norm(Some(1.0))?;
+    let mut task = LmTask {
+        model,
+        train: &setup.train,
+        val: &setup.val,
+        batch: setup.batch,
+        ctx: setup.ctx,
+        seed: args.seed,
+        dev: dev.clone(),
+    };
+    let settings = Settings {
+        steps: setup.steps,
+        eval_every: args.eval_every.unwrap_or((setup.steps / 10).max(1)),
+        save_every: args.save_every,
+        save,
+        resume,
+        example: "gpt2",
+        lr,
+        schedule: train::default_schedule(setup.steps),
+        config: json!({
+            "model": setup.cfg,
+            "context": setup.ctx,
+            "corpus_tokens": [setup.train.len(), setup.val.len()],
+            "batch": setup.batch,
+            "seed": args.seed,
+            "lr": lr,
+            "weight_decay": args.weight_decay,
+        }),
+    };
+    let out = train::train(&mut task, &mut varmap, opt.as_mut(), algo, &settings)?;
+    Ok((out, task))
+}
+
+fn main() {
+    train::exit_on_error(run(Args::parse()));
+}
+
+fn run(args: Args) -> Result<()> {
+    let dev = common::device(&args.device)?;
+    let (n_layer, n_head, n_embd, n_ctx, batch, steps, full) = args.preset.shape();
+    let n_ctx_used = args.context.unwrap_or(n_ctx);
+    if n_ctx_used == 0 || n_ctx_used > n_ctx {
+        return Err(format!("--context must be in 1..={n_ctx} for this preset").into());
+    }
+    let corpus = text::load(args.text.as_deref(), 0.1)?;
+    let vocab = match args.vocab.unwrap_or(if full {
+        VocabChoice::Full
+    } else {
+        VocabChoice::Corpus
+    }) {
+        VocabChoice::Full => text::Vocab::full(),
+        VocabChoice::Corpus => text::Vocab::of_corpus(&corpus),
+    };
+    let (train_ids, val_ids) = (vocab.encode(&corpus.train), vocab.encode(&corpus.val));
+    if val_ids.len() < n_ctx_used + 2 || train_ids.len() < n_ctx_used + 2 {
+        return Err(format!(
+            "the text is too short: {} training / {} validation tokens for a context of {n_ctx_used}",
+            train_ids.len(),
+            val_ids.len()
+        )
+        .into());
+    }
+    let cfg = Config {
+        n_layer,
+        n_head,
+        n_embd,
+        n_ctx,
+        vocab: vocab.len(),
+    };
+    let setup = Setup {
+        cfg,
+        ctx: n_ctx_used,
+        batch: args.batch.unwrap_or(batch),
+        steps: args.steps.unwrap_or(steps),
+        train: train_ids,
+        val: val_ids,
+        vocab,
+    };
+    if setup.steps == 0 || setup.batch == 0 {
+        return Err("--steps and --batch must be at least 1".into());
+    }
+    println!("Text: {}.", corpus.description);
+    println!(
+        "Tokens (GPT-2 BPE): {} training, {} validation (the last 10% of each text); vocabulary: {}.",
+        setup.train.len(),
+        setup.val.len(),
+        if setup.vocab.full {
+            "all 50257 GPT-2 tokens".to_string()
+        } else {
+            format!(
+                "the {} GPT-2 token ids that occur in the text (--vocab full for all 50257)",
+                setup.vocab.len()
+            )
+        }
+    );
+    let (varmap, _) = build(cfg, args.seed, &dev)?;
+    println!(
+        "Model: GPT-2-style, {n_layer} layers, {n_head} heads, width {n_embd}, context {}, \
+         {} parameters (preset {:?}); {} steps of {}×{} tokens on {:?}, seed {}.",
+        n_ctx,
+        common::count_params(&varmap),
+        args.preset,
+        setup.steps,
+        setup.batch,
+        setup.ctx,
+        dev,
+        args.seed
+    );
+    drop(varmap);
+    match &args.compare {
+        None => {
+            let algo = common::parse_algo(&args.optimizer)?;
+            println!(
+                "Optimizer: {} (lr {:.1e}, weight decay {}, warmup + cosine schedule, clipping at 1).",
+                algo.name(),
+                args.lr.unwrap_or_else(|| default_lr(algo)),
+                args.weight_decay * if algo == Algo::Lion { 10.0 } else { 1.0 }
+            );
+            let (_, task) = run_one(
+                &args,
+                &setup,
+                algo,
+                &dev,
+                args.save.clone(),
+                args.resume.clone(),
+            )?;
+            let n = args.sample.unwrap_or(if args.preset == Preset::Gpt2Small {
+                0
+            } else {
+                120
+            });
+            if n > 0 {
+                let prompt = setup.vocab.encode(&[text::EOT]);
+                let out = task.sample(&prompt, n, args.seed)?;
+                println!(
+                    "\nA sample ({n} tokens, temperature 0.8, top-40):\n{}",
+                    setup.vocab.decode(&out)
+                );
+            }
+        }
+        Some(spec) => {
+            let algos = common::parse_algos(spec)?;
+            if args.resume.is_some() {
+                return Err("--resume works with a single --optimizer, not --compare".into());
+            }
+            let mut outcomes = Vec::new();
+            for &algo in &algos {
+                let save = args.save.as_ref().map(|d| d.join(algo.name()));
+                outcomes.push(run_one(&args, &setup, algo, &dev, save, None)?.0);
+            }
+            let title = format!(
+                "GPT-2 {:?} preset ({} layers, width {}, context {}) on {}: {} steps of {}×{} tokens, seed {}",
+                args.preset,
+                n_layer,
+                n_embd,
+                setup.ctx,
+                if args.text.is_some() { "--text" } else { "the bundled corpus" },
+                setup.steps,
+                setup.batch,
+                setup.ctx,
+                args.seed
+            );
+            train::report(&args.out, &title, &outcomes, false)?;
+        }
+    }
+    Ok(())
+}
