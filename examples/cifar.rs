@@ -540,6 +540,13 @@ fn main() {
 
 fn run(args: Args) -> Result<()> {
     let dev = common::device(&args.device)?;
+    let algos = match &args.compare {
+        None => vec![common::parse_algo(&args.optimizer)?],
+        Some(spec) => common::parse_algos(spec)?,
+    };
+    if args.compare.is_some() && args.resume.is_some() {
+        return Err("--resume works with a single --optimizer, not --compare".into());
+    }
     let data = load_data(args.data_dir.as_ref())?;
     if args.steps == 0 || args.batch == 0 {
         return Err("--steps and --batch must be at least 1".into());
@@ -577,7 +584,7 @@ fn run(args: Args) -> Result<()> {
     drop(varmap);
     match &args.compare {
         None => {
-            let algo = common::parse_algo(&args.optimizer)?;
+            let algo = algos[0];
             println!(
                 "Optimizer: {} (lr {:.1e}, weight decay {:.0e}, warmup + cosine schedule).",
                 algo.name(),
@@ -593,11 +600,7 @@ fn run(args: Args) -> Result<()> {
                 args.resume.clone(),
             )?;
         }
-        Some(spec) => {
-            let algos = common::parse_algos(spec)?;
-            if args.resume.is_some() {
-                return Err("--resume works with a single --optimizer, not --compare".into());
-            }
+        Some(_) => {
             let mut outcomes = Vec::new();
             for &algo in &algos {
                 let save = args.save.as_ref().map(|d| d.join(algo.name()));

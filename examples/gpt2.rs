@@ -343,6 +343,13 @@ fn main() {
 
 fn run(args: Args) -> Result<()> {
     let dev = common::device(&args.device)?;
+    let algos = match &args.compare {
+        None => vec![common::parse_algo(&args.optimizer)?],
+        Some(spec) => common::parse_algos(spec)?,
+    };
+    if args.compare.is_some() && args.resume.is_some() {
+        return Err("--resume works with a single --optimizer, not --compare".into());
+    }
     let (n_layer, n_head, n_embd, n_ctx, batch, steps, full) = args.preset.shape();
     let n_ctx_used = args.context.unwrap_or(n_ctx);
     if n_ctx_used == 0 || n_ctx_used > n_ctx {
@@ -415,7 +422,7 @@ fn run(args: Args) -> Result<()> {
     drop(varmap);
     match &args.compare {
         None => {
-            let algo = common::parse_algo(&args.optimizer)?;
+            let algo = algos[0];
             println!(
                 "Optimizer: {} (lr {:.1e}, weight decay {}, warmup + cosine schedule, clipping at 1).",
                 algo.name(),
@@ -444,11 +451,7 @@ fn run(args: Args) -> Result<()> {
                 );
             }
         }
-        Some(spec) => {
-            let algos = common::parse_algos(spec)?;
-            if args.resume.is_some() {
-                return Err("--resume works with a single --optimizer, not --compare".into());
-            }
+        Some(_) => {
             let mut outcomes = Vec::new();
             for &algo in &algos {
                 let save = args.save.as_ref().map(|d| d.join(algo.name()));

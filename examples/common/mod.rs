@@ -160,24 +160,25 @@ pub fn human_bytes(b: usize) -> String {
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// The device named on the command line (`cpu`, `cuda` or `cuda:N`).
-pub fn device(name: &str) -> candle_core::Result<Device> {
+pub fn device(name: &str) -> Result<Device> {
     let ordinal = match name {
         "cpu" => return Ok(Device::Cpu),
         "cuda" => 0,
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(i)) => i,
-            _ => candle_core::bail!("unknown device {other:?} (cpu, cuda or cuda:N)"),
+            _ => return Err(format!("unknown device {other:?} (cpu, cuda or cuda:N)").into()),
         },
     };
     if !candle_core::utils::cuda_is_available() {
-        candle_core::bail!(
+        return Err(
             "--device cuda needs the examples built with the `cuda` feature, e.g. \
-             `cargo run --release --features cuda --example NAME -- --device cuda` \
-             (this binary was built without it)"
+                    `cargo run --release --features cuda --example NAME -- --device cuda` \
+                    (this binary was built without it)"
+                .into(),
         );
     }
     Device::new_cuda(ordinal)
-        .map_err(|e| candle_core::Error::Msg(format!("could not open CUDA device {ordinal}: {e}")))
+        .map_err(|e| format!("could not open CUDA device {ordinal}: {e}").into())
 }
 
 /// Parses `--compare`: `all`, or optimizer names separated by commas.
