@@ -73,6 +73,9 @@ struct Args {
     /// Seed of the initialisation and the data order.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// CPU threads (default: all cores; 1 can be faster on a machine busy with other work).
+    #[arg(long)]
+    threads: Option<usize>,
     /// cpu, or cuda (build with --features cuda).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -539,6 +542,7 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
+    common::set_threads(args.threads);
     let dev = common::device(&args.device)?;
     let algos = match &args.compare {
         None => vec![common::parse_algo(&args.optimizer)?],

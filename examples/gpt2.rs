@@ -103,6 +103,9 @@ struct Args {
     /// Seed of the initialisation and the data order.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// CPU threads (default: all cores; 1 can be faster on a machine busy with other work).
+    #[arg(long)]
+    threads: Option<usize>,
     /// cpu, or cuda (build with --features cuda).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -202,7 +205,7 @@ impl LmTask<'_> {
         }
         let x = Tensor::from_vec(x, (starts.len(), t), &self.dev)?;
         let y = Tensor::from_vec(y, starts.len() * t, &self.dev)?;
-        candle_nn::loss::cross_entropy(&self.model.forward(&x)?, &y)
+        nn::cross_entropy(&self.model.forward(&x)?, &y)
     }
 
     /// Samples `n` tokens after `prompt` (temperature 0.8, top-40), from `seed`.
@@ -342,6 +345,7 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
+    common::set_threads(args.threads);
     let dev = common::device(&args.device)?;
     let algos = match &args.compare {
         None => vec![common::parse_algo(&args.optimizer)?],

@@ -181,6 +181,15 @@ pub fn device(name: &str) -> Result<Device> {
         .map_err(|e| format!("could not open CUDA device {ordinal}: {e}").into())
 }
 
+/// Sets the number of CPU threads candle (and rayon) use, before either starts its pool. On a
+/// machine busy with other work, 1 can be faster than the default (all cores): candle's pool
+/// spins while it waits for workers that the OS has descheduled.
+pub fn set_threads(n: Option<usize>) {
+    if let Some(n) = n.filter(|&n| n > 0) {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 /// Parses `--compare`: `all`, or optimizer names separated by commas.
 pub fn parse_algos(spec: &str) -> std::result::Result<Vec<Algo>, String> {
     if spec.trim().eq_ignore_ascii_case("all") {

@@ -4,8 +4,9 @@
 //! no backward pass (gradients silently stop there), so the layers here use the composed,
 //! differentiable forms (`ops::layer_norm_slow`, `ops::softmax`).
 
-use candle_core::{Device, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, D};
 use candle_nn::{linear, Init, Linear, Module, VarBuilder};
+use rayon::prelude::*;
 
 /// Layer normalisation over the last dimension, with gain `weight` and bias `bias`.
 pub struct LayerNorm {
@@ -148,5 +149,124 @@ pub fn gpt2_init(n_layer: usize) -> impl Fn(&str, &[usize]) -> super::Init {
         } else {
             super::Init::Normal(0.02)
         }
+    }
+}
+
+/// Mean cross-entropy of `logits: [n, v]` (f32) against `targets: [n]` (u32). On the CPU one
+/// fused, multi-threaded pass forward and one backward (candle-nn's composed
+/// `log_softmax` + `nll` makes about fifteen passes over the `[n, v]` logits, which dominate a
+/// small language model's step); elsewhere candle-nn's `loss::cross_entropy`.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 && targets.dtype() == DType::U32 {
+        logits
+            .contiguous()?
+            .apply_op2(&targets.contiguous()?, FusedCrossEntropy)
+    } else {
+        candle_nn::loss::cross_entropy(logits, targets)
+    }
+}
+
+struct FusedCrossEntropy;
+
+/// The f32 rows of `logits` and the u32 `targets`, checked.
+fn ce_inputs<'a>(
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+) -> Result<(&'a [f32], &'a [u32], usize)> {
+    let (n, v) = l1.shape().dims2()?;
+    let (CpuStorage::F32(x), CpuStorage::U32(t)) = (s1, s2) else {
+        candle_core::bail!("cross_entropy: f32 logits and u32 targets expected");
+    };
+    let (Some((a, b)), Some((c, d))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+        candle_core::bail!("cross_entropy: contiguous inputs expected");
+    };
+    let (x, t) = (&x[a..b], &t[c..d]);
+    if t.len() != n {
+        candle_core::bail!("cross_entropy: {} targets for {n} rows", t.len());
+    }
+    if let Some(bad) = t.iter().find(|&&k| k as usize >= v) {
+        candle_core::bail!("cross_entropy: target {bad} out of range for {v} classes");
+    }
+    Ok((x, t, v))
+}
+
+/// The maximum of a row and the sum of `exp(x - max)`.
+fn max_and_sum(row: &[f32]) -> (f32, f32) {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    (m, row.iter().map(|&x| (x - m).exp()).sum())
+}
+
+impl CustomOp2 for FusedCrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, t, v) = ce_inputs(s1, l1, s2, l2)?;
+        let total: f64 = x
+            .par_chunks(v)
+            .zip(t.par_iter())
+            .map(|(row, &k)| {
+                let (m, s) = max_and_sum(row);
+                (m + s.ln() - row[k as usize]) as f64
+            })
+            .sum();
+        let loss = (total / t.len().max(1) as f64) as f32;
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = logits.dim(0)?.max(1);
+        let scale = grad_res.to_scalar::<f32>()? / n as f32;
+        let grad = logits.apply_op2_no_bwd(targets, &CrossEntropyGrad { scale })?;
+        Ok((Some(grad), None))
+    }
+}
+
+/// `scale · (softmax(logits) − onehot(targets))`.
+struct CrossEntropyGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, t, v) = ce_inputs(s1, l1, s2, l2)?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(v)
+            .zip(x.par_chunks(v))
+            .zip(t.par_iter())
+            .for_each(|((o, row), &k)| {
+                let (m, s) = max_and_sum(row);
+                let f = self.scale / s;
+                for (oi, &xi) in o.iter_mut().zip(row) {
+                    *oi = (xi - m).exp() * f;
+                }
+                o[k as usize] -= self.scale;
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
