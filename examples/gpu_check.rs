@@ -153,7 +153,7 @@ fn main() {
                     for (a, b) in gs.iter().zip(cs) {
                         let e = (*a as f64 - *b as f64).abs()
                             / (1e-5 * ((*b as f64).abs() + scale) + 1e-30);
-                        if !(e <= 1.0) {
+                        if e.is_nan() || e > 1.0 {
                             println!("state of {name} differs between CUDA and CPU ({a} vs {b})");
                             ok = false;
                         }

@@ -125,10 +125,12 @@ pub(crate) fn cuda_device(t: &Tensor) -> Result<&CudaDevice> {
     }
 }
 
-/// `module`'s function `name`, loaded once per device.
+/// `module`'s function `name`, loaded once per device (registered with candle under a
+/// `candle_optim_` prefix so no other crate's custom module can shadow it).
 pub(crate) fn function(dev: &CudaDevice, module: &str, name: &str) -> Result<CudaFunction> {
+    let key = format!("candle_optim_{module}");
     Ok(dev
-        .get_or_load_custom_func(name, module, ptx(module)?)?
+        .get_or_load_custom_func(name, &key, ptx(module)?)?
         .into_cuda_function())
 }
 
