@@ -1,4 +1,5 @@
-//! With the `cuda` feature, compiles every `kernels/*.cu` to PTX for `compute_80` (A100, H100,
+//! The build script (Cargo.toml: `build = "kernels/build.rs"`). With the `cuda` feature it
+//! compiles every `kernels/*.cu` to PTX for `compute_80` (A100, H100,
 //! H200, ...) with nvcc, into `$OUT_DIR/<name>.ptx`, which `src/backend/cuda.rs` embeds.
 //! Without the feature it does nothing.
 
