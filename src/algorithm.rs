@@ -102,6 +102,26 @@ pub struct StepContext<'a, 'b, A: Algorithm> {
     pub reducer: &'a mut Reducer,
 }
 
+/// Implements the [`Algorithm`] accessors of a configuration with `lr` and `weight_decay`
+/// fields.
+macro_rules! lr_and_weight_decay {
+    () => {
+        fn lr(&self) -> f64 {
+            self.lr
+        }
+        fn set_lr(&mut self, lr: f64) {
+            self.lr = lr;
+        }
+        fn weight_decay(&self) -> f64 {
+            self.weight_decay
+        }
+        fn set_weight_decay(&mut self, wd: f64) {
+            self.weight_decay = wd;
+        }
+    };
+}
+pub(crate) use lr_and_weight_decay;
+
 /// One optimizer's math. Implemented by the optimizer's configuration type, which holds one
 /// parameter group's hyperparameters with the official names and defaults.
 pub trait Algorithm:

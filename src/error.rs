@@ -157,3 +157,9 @@ fn range_reason(lo: f64, hi: f64) -> &'static str {
 pub(crate) fn check_nonneg(name: &'static str, value: f64) -> Result<()> {
     check_range(name, value, 0.0, f64::INFINITY)
 }
+
+/// Checks (β1, β2) ∈ [0, 1)².
+pub(crate) fn check_betas(b: (f64, f64)) -> Result<()> {
+    check_range("betas[0]", b.0, 0.0, 1.0)?;
+    check_range("betas[1]", b.1, 0.0, 1.0)
+}

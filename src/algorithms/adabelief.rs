@@ -9,7 +9,7 @@
 
 use crate::algorithm::{Algorithm, Kernel, ParamMeta, Words};
 use crate::elem::{Elem, Real};
-use crate::error::{check_nonneg, check_range, Result};
+use crate::error::{check_betas, check_nonneg, Result};
 use serde::{Deserialize, Serialize};
 
 /// AdaBelief hyperparameters (one parameter group). Defaults are the authors' (0.2.1).
@@ -201,23 +201,11 @@ impl Algorithm for AdaBeliefConfig {
 
     fn validate(&self) -> Result<()> {
         check_nonneg("lr", self.lr)?;
-        check_range("betas[0]", self.betas.0, 0.0, 1.0)?;
-        check_range("betas[1]", self.betas.1, 0.0, 1.0)?;
+        check_betas(self.betas)?;
         check_nonneg("eps", self.eps)?;
         check_nonneg("weight_decay", self.weight_decay)
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
+    crate::algorithm::lr_and_weight_decay!();
     fn slots(&self) -> &'static [&'static str] {
         if self.amsgrad {
             &["exp_avg", "exp_avg_var", "max_exp_avg_var"]

@@ -146,18 +146,7 @@ impl Algorithm for AdanConfig {
         check_nonneg("weight_decay", self.weight_decay)?;
         check_nonneg("max_grad_norm", self.max_grad_norm)
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
+    crate::algorithm::lr_and_weight_decay!();
     fn slots(&self) -> &'static [&'static str] {
         &["exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"]
     }

@@ -165,18 +165,7 @@ impl Algorithm for SgdSaiConfig {
         check_nonneg("eps", self.eps)?;
         check_nonneg("weight_decay", self.weight_decay)
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
+    crate::algorithm::lr_and_weight_decay!();
     fn slots(&self) -> &'static [&'static str] {
         if self.momentum > 0.0 {
             &["momentum_buffer"]

@@ -31,7 +31,7 @@ pub struct Work<'a, K> {
 pub(crate) fn update<K: Kernel>(items: &[Work<'_, K>]) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        let (cuda, rest): (Vec<_>, Vec<_>) = items
+        let (cuda, rest): (Vec<&Work<'_, K>>, Vec<&Work<'_, K>>) = items
             .iter()
             .partition(|w| matches!(w.param.device(), Device::Cuda(_)));
         if !cuda.is_empty() {
