@@ -2,7 +2,8 @@
 //!
 //! candle-nn 0.11's `LayerNorm` module and `ops::softmax_last_dim` run fused kernels that have
 //! no backward pass (gradients silently stop there), so the layers here use the composed,
-//! differentiable forms (`ops::layer_norm_slow`, `ops::softmax`).
+//! differentiable `ops::layer_norm_slow`, and fused softmax and cross-entropy custom ops with
+//! backward passes of their own on the CPU (the composed forms elsewhere).
 
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, D};
 use candle_nn::{linear, Init, Linear, Module, VarBuilder};
@@ -67,7 +68,7 @@ impl Attention {
             Some(m) => att.broadcast_add(m)?,
             None => att,
         };
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let att = softmax_last_dim(&att)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
         self.c_proj.forward(&y)
     }
@@ -266,6 +267,92 @@ impl CustomOp2 for CrossEntropyGrad {
                     *oi = (xi - m).exp() * f;
                 }
                 o[k as usize] -= self.scale;
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension: on the CPU one fused pass forward and one backward (the
+/// composed `ops::softmax` makes about five forward and ten backward passes); elsewhere
+/// candle-nn's `ops::softmax`.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1(FusedSoftmax)
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+}
+
+struct FusedSoftmax;
+
+fn f32_contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(x) = s else {
+        candle_core::bail!("{what}: f32 expected");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: contiguous input expected");
+    };
+    Ok(&x[a..b])
+}
+
+impl candle_core::CustomOp1 for FusedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_contiguous(s, l, "softmax")?;
+        let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (oi, &xi) in o.iter_mut().zip(row) {
+                    *oi = (xi - m).exp();
+                    sum += *oi;
+                }
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|v| *v *= inv);
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+/// `y · (g − Σ g·y)` row by row, from the softmax output `y` and the incoming gradient `g`.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "fused-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32_contiguous(s1, l1, "softmax grad")?;
+        let g = f32_contiguous(s2, l2, "softmax grad")?;
+        if y.len() != g.len() {
+            candle_core::bail!("softmax grad: shapes differ");
+        }
+        let d = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(d)
+            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(o, (yr, gr))| {
+                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                for ((oi, &yi), &gi) in o.iter_mut().zip(yr).zip(gr) {
+                    *oi = yi * (gi - dot);
+                }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
