@@ -50,6 +50,24 @@ struct Args {
     skip_candle_nn: bool,
 }
 
+/// Resident-set high-water mark growth over one call of `f` (Linux: resets the mark through
+/// /proc/self/clear_refs and reads VmHWM), in bytes; None where that is not available.
+fn peak_extra_rss(f: impl FnOnce()) -> Option<u64> {
+    let read = |key: &str| -> Option<u64> {
+        let s = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = s.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()
+            .map(|kb| kb * 1024)
+    };
+    std::fs::write("/proc/self/clear_refs", "5").ok()?;
+    let before = read("VmRSS:")?;
+    f();
+    Some(read("VmHWM:")?.saturating_sub(before))
+}
+
 #[derive(Serialize, Clone, Debug)]
 struct Row {
     set: String,
@@ -62,6 +80,8 @@ struct Row {
     gbps: f64,
     pct_triad: f64,
     speedup_vs_candle_nn: Option<f64>,
+    /// Peak resident memory added during one step, as % of the parameters' bytes.
+    peak_extra_pct: Option<f64>,
 }
 
 /// GPT-2 small: 124,439,808 parameters.
@@ -300,6 +320,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     gbps: bytes as f64 / (med * 1e-3) / 1e9,
                     pct_triad: 0.0,
                     speedup_vs_candle_nn: None,
+                    peak_extra_pct: None,
                 });
             };
             for ((name, bytes), ms) in names.into_iter().zip(times) {
@@ -315,6 +336,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         }
                     }
                     (Err(e), _) | (_, Err(e)) => eprintln!("torch comparison skipped: {e}"),
+                }
+            }
+            // Peak extra memory of one step of each optimizer (after the timed rounds, so the
+            // state exists): the step allocates nothing proportional to the model.
+            for (name, opt) in opts.iter_mut() {
+                let extra = pool.install(|| {
+                    peak_extra_rss(|| {
+                        opt.step(&grads).unwrap();
+                    })
+                });
+                if let (Some(x), Some(r)) = (extra, local.iter_mut().find(|r| &r.name == name)) {
+                    r.peak_extra_pct = Some(100.0 * x as f64 / (4 * n) as f64);
                 }
             }
             let triad = local
@@ -344,12 +377,12 @@ fn print_table(rows: &[Row]) {
     let r0 = &rows[0];
     println!("\nset {} · {} thread(s)", r0.set, r0.threads);
     println!(
-        "{:<24} {:>10} {:>19} {:>9} {:>8} {:>10}",
-        "step", "ms (med)", "spread (min–max)", "GB/s", "% triad", "vs cnn"
+        "{:<24} {:>10} {:>19} {:>9} {:>8} {:>10} {:>11}",
+        "step", "ms (med)", "spread (min–max)", "GB/s", "% triad", "vs cnn", "peak extra"
     );
     for r in rows {
         println!(
-            "{:<24} {:>10.2} {:>9.2} – {:>7.2} {:>9.2} {:>7.1}% {:>10}",
+            "{:<24} {:>10.2} {:>9.2} – {:>7.2} {:>9.2} {:>7.1}% {:>10} {:>11}",
             r.name,
             r.ms_median,
             r.ms_min,
@@ -357,7 +390,8 @@ fn print_table(rows: &[Row]) {
             r.gbps,
             r.pct_triad,
             r.speedup_vs_candle_nn
-                .map_or("-".into(), |s| format!("{s:.2}x"))
+                .map_or("-".into(), |s| format!("{s:.2}x")),
+            r.peak_extra_pct.map_or("-".into(), |p| format!("{p:.3}%"))
         );
     }
 }
