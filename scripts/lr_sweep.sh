@@ -17,6 +17,6 @@ for spec in $grid; do
     # shellcheck disable=SC2086
     line=$(./target/release/examples/"$example" --optimizer "$algo" --lr "$lr" --eval-every 0 $extra 2>&1 \
       | grep -E "^ *$algo: [0-9]+ steps" || echo "$algo: failed")
-    echo "$algo lr=$lr  ${line#*; train loss }"
+    echo "$algo lr=$lr  ${line#*: }"
   done
 done
