@@ -125,6 +125,10 @@ struct Args {
     save: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     save_every: usize,
+    /// Stop after this many steps, as if interrupted, keeping --steps' schedule (with --save,
+    /// a checkpoint that --resume continues exactly as if the run had not stopped).
+    #[arg(long)]
+    stop_after: Option<usize>,
     /// Continue training from a checkpoint written by --save (same settings; --steps may grow).
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -330,6 +334,7 @@ fn run_one<'a>(
         steps: setup.steps,
         eval_every: args.eval_every.unwrap_or((setup.steps / 10).max(1)),
         save_every: args.save_every,
+        stop_after: args.stop_after,
         save,
         resume,
         example: "gpt2",

@@ -61,6 +61,9 @@ pub struct Settings {
     /// The learning-rate schedule over `steps` (set after a checkpoint is loaded, so a run
     /// resumed with a larger --steps stretches it).
     pub schedule: Schedule,
+    /// Stop after this step as if interrupted (saving a checkpoint when `save` is set), without
+    /// the final evaluation.
+    pub stop_after: Option<usize>,
     /// Everything a checkpoint must agree on to be resumed (model, data, batch, seed, ...).
     pub config: serde_json::Value,
 }
@@ -215,7 +218,10 @@ pub fn train(
     pb.set_prefix(algo.name());
     let unit = task.unit();
     let log_every = (s.steps / 10).max(1);
-    let mut ema: Option<f64> = None;
+    // The displayed loss: an EMA of the per-step losses (continued from a checkpoint's history).
+    let mut ema: Option<f64> = history.train.iter().fold(None, |e, p| {
+        Some(e.map_or(p.1, |e: f64| 0.9 * e + 0.1 * p.1))
+    });
     let mut diverged_at = None;
     let t_run = Instant::now();
     for step in start..s.steps {
@@ -269,6 +275,32 @@ pub fn train(
             if s.save_every > 0 && done % s.save_every == 0 && !last {
                 save(dir, varmap, opt, s, done, &history)?;
             }
+        }
+        if s.stop_after == Some(done) && !last {
+            pb.finish_and_clear();
+            println!(
+                "{}: stopped after step {done} of {} (--stop-after).",
+                algo.name(),
+                s.steps
+            );
+            if let Some(dir) = &s.save {
+                save(dir, varmap, opt, s, done, &history)?;
+                println!("Saved model and optimizer state to {}", dir.display());
+            }
+            return Ok(Outcome {
+                algo,
+                lr,
+                final_train: history.train.last().map_or(f64::NAN, |p| p.1),
+                ms_step: median(&history.step_ms),
+                history,
+                final_eval: Eval {
+                    loss: f64::NAN,
+                    acc: None,
+                },
+                state_bytes: opt.state_bytes(),
+                params,
+                diverged_at,
+            });
         }
     }
     pb.finish_and_clear();
