@@ -561,11 +561,18 @@ impl<A: Algorithm> Optim<A> {
         for g in &self.groups {
             g.config.validate()?;
         }
-        // Gather and check every gradient before touching anything.
+        // Gather and check every gradient before touching anything. A gradient must not share
+        // storage with any parameter or state tensor: not only would the update read what it
+        // writes, the CUDA path holds gradients' read locks while it takes the write locks.
+        let owned: std::collections::HashSet<usize> = self
+            .params()
+            .flat_map(|p| std::iter::once(p.var.as_tensor()).chain(p.slots.iter().flatten()))
+            .map(storage_addr)
+            .collect();
         let mut found: Vec<Option<Tensor>> = Vec::with_capacity(self.num_params());
         for p in self.params() {
             found.push(match grads.get(p.var.as_tensor()) {
-                Some(g) => Some(check_grad(p, g)?),
+                Some(g) => Some(check_grad(p, g, &owned)?),
                 None => None,
             });
         }
@@ -609,11 +616,6 @@ impl<A: Algorithm> Optim<A> {
                 grad_scale *= report.clip_scale;
             }
         }
-        // The step will be taken: the schedule sets this step's rates.
-        if self.schedule.is_some() {
-            self.apply_schedule();
-        }
-
         // Algorithm-wide reductions (SGD-SaI's first-step g-SNR, Adan's clipping).
         let grad_scale = {
             let mut configs: Vec<&A> = Vec::with_capacity(self.groups.len());
@@ -648,6 +650,10 @@ impl<A: Algorithm> Optim<A> {
             }
             ctx.grad_scale
         };
+        // The step will be taken: the schedule sets this step's rates.
+        if self.schedule.is_some() {
+            self.apply_schedule();
+        }
 
         // Lazy state: allocate every missing slot before the first parameter changes.
         let mut found_it = found.iter();
@@ -729,7 +735,11 @@ pub(crate) fn check_matches(name: &str, var: &Tensor, g: &Tensor) -> Result<()> 
     Ok(())
 }
 
-fn check_grad<A: Algorithm>(p: &Param<A>, g: &Tensor) -> Result<Tensor> {
+fn check_grad<A: Algorithm>(
+    p: &Param<A>,
+    g: &Tensor,
+    owned: &std::collections::HashSet<usize>,
+) -> Result<Tensor> {
     let var = p.var.as_tensor();
     check_matches(&p.name, var, g)?;
     if !var.is_contiguous() {
@@ -743,16 +753,15 @@ fn check_grad<A: Algorithm>(p: &Param<A>, g: &Tensor) -> Result<Tensor> {
         g.contiguous()?
     };
     let ga = storage_addr(&g);
-    if ga == storage_addr(var) {
+    if owned.contains(&ga) {
+        let other = if ga == storage_addr(var) {
+            "the parameter itself"
+        } else {
+            "a parameter or optimizer state of this optimizer"
+        };
         return Err(Error::Aliasing {
             param: p.name.clone(),
-            other: "the parameter itself".into(),
-        });
-    }
-    if p.slots.iter().flatten().any(|s| storage_addr(s) == ga) {
-        return Err(Error::Aliasing {
-            param: p.name.clone(),
-            other: "the parameter's optimizer state".into(),
+            other: other.into(),
         });
     }
     Ok(g)

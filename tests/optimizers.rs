@@ -472,3 +472,30 @@ fn candle_nn_optimizer_drop_in_trains() {
         assert!(last < first * 0.05, "{name}: loss {first} -> {last}");
     }
 }
+
+#[test]
+fn gradients_aliasing_another_parameter_or_its_state_are_rejected() {
+    for e in table() {
+        let vars = named_vars(&[&[4, 3], &[4, 3]], DType::F32);
+        let mut opt = build(&e, &vars);
+        opt.step(&grads_for(&vars, 1, DType::F32)).unwrap();
+        let before = snapshot(opt.as_ref(), &vars);
+        let mut g = grads_for(&vars, 2, DType::F32);
+        g.insert(vars[0].1.as_tensor(), vars[1].1.as_tensor().clone());
+        assert!(
+            matches!(opt.step(&g), Err(Error::Aliasing { .. })),
+            "{}",
+            e.label
+        );
+        if let Some((_, slot)) = opt.param_state("p1").and_then(|s| s.slots.first().cloned()) {
+            let mut g = grads_for(&vars, 2, DType::F32);
+            g.insert(vars[0].1.as_tensor(), slot);
+            assert!(
+                matches!(opt.step(&g), Err(Error::Aliasing { .. })),
+                "{}",
+                e.label
+            );
+        }
+        assert_eq!(snapshot(opt.as_ref(), &vars), before, "{}", e.label);
+    }
+}
