@@ -6,8 +6,8 @@
 //! cargo run --release --example cifar                                  # ResNet, bundled data
 //! cargo run --release --example cifar -- --model vit --optimizer adamw
 //! cargo run --release --example cifar -- --data-dir path/to/cifar-10-batches-bin
-//! cargo run --release --example cifar -- --compare all --steps 300    # table + PNG
-//! cargo run --release --example cifar -- --save ckpt --steps 200      # then --resume ckpt --steps 400
+//! cargo run --release --example cifar -- --compare all                # table + PNG, ~10 min
+//! cargo run --release --example cifar -- --save ckpt --stop-after 200   # then --resume ckpt
 //! ```
 //!
 //! Without `--data-dir` the example trains on `examples/data/fashion-mnist`: 8000 training and

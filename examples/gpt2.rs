@@ -6,8 +6,10 @@
 //! cargo run --release --example gpt2                                   # tiny preset, bundled text
 //! cargo run --release --example gpt2 -- --optimizer adamw --steps 1000
 //! cargo run --release --example gpt2 -- --text my.txt --preset small
-//! cargo run --release --example gpt2 -- --compare all --steps 150     # table + PNG
+//! cargo run --release --example gpt2 -- --compare all --steps 400     # table + PNG, ~10 min
 //! cargo run --release --features cuda --example gpt2 -- --preset gpt2-small --device cuda
+//! cargo run --release --example gpt2 -- --preset gpt2-small --steps 2 --batch 1 --context 128 \
+//!     --eval-tokens 256                                          # the 124M model on a CPU
 //! ```
 //!
 //! Presets: `tiny` (the default; trains visibly on a laptop CPU in minutes), `small`, and
