@@ -33,9 +33,12 @@ struct Args {
     /// Thread counts.
     #[arg(long, default_value = "1,2", value_delimiter = ',')]
     threads: Vec<usize>,
-    /// Timed steps per measurement (after 2 warm-up steps).
+    /// Timed steps per measurement (in rounds of `--block`).
     #[arg(long, default_value_t = 10)]
     steps: usize,
+    /// Consecutive timed steps per measurement and round (after one untimed step).
+    #[arg(long, default_value_t = 5)]
+    block: usize,
     /// Optimizers to run (default: all seven).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -48,6 +51,9 @@ struct Args {
     /// Leave out candle-nn's AdamW (slow: seconds per step on GPT-2 small).
     #[arg(long)]
     skip_candle_nn: bool,
+    /// Cap the SIMD level of the element loops: base, avx2 or avx512 (default: the CPU's best).
+    #[arg(long)]
+    simd: Option<String>,
 }
 
 /// Resident-set high-water mark growth over one call of `f` (Linux: resets the mark through
@@ -188,6 +194,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|n| Algo::from_name(n).ok_or(format!("unknown optimizer {n}")))
             .collect::<Result<_, _>>()?
     };
+    match args.simd.as_deref() {
+        None => {}
+        Some("base") => simd::force_level(Some(simd::SimdLevel::Base)),
+        Some("avx2") => simd::force_level(Some(simd::SimdLevel::Avx2)),
+        Some("avx512") => simd::force_level(Some(simd::SimdLevel::Avx512)),
+        Some(other) => return Err(format!("unknown --simd {other}").into()),
+    }
     println!(
         "SIMD level: {:?}; cores: {}",
         simd::level(),
@@ -276,33 +289,39 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .as_ref()
                 .map(|py| run_torch(py, set, threads, args.steps.div_ceil(2)));
             pool.install(|| {
-                for round in 0..args.steps + 2 {
-                    let mut record = |k: usize, t: Instant| {
-                        if round >= 2 {
+                // Rounds of blocks: each measurement runs one untimed step and then `block`
+                // timed ones back to back (warm caches and page tables, as a training loop
+                // sees them), and the rounds rotate through all of them.
+                let block = args.block.max(1);
+                let rounds = args.steps.div_ceil(block);
+                for _ in 0..rounds {
+                    let mut run = |k: usize, f: &mut dyn FnMut()| {
+                        f();
+                        for _ in 0..block {
+                            let t = Instant::now();
+                            f();
                             times[k].push(t.elapsed().as_secs_f64() * 1e3);
                         }
                     };
-                    let t = Instant::now();
-                    a.par_chunks_mut(CHUNK)
-                        .zip(b.par_chunks(CHUNK))
-                        .for_each(|(a, b)| simd::run(Copy { a, b }));
-                    record(0, t);
-                    let t = Instant::now();
-                    a.par_chunks_mut(CHUNK)
-                        .zip(b.par_chunks(CHUNK))
-                        .zip(c.par_chunks(CHUNK))
-                        .for_each(|((a, b), c)| simd::run(Triad { a, b, c, s: 3.0 }));
-                    record(1, t);
+                    run(0, &mut || {
+                        a.par_chunks_mut(CHUNK)
+                            .zip(b.par_chunks(CHUNK))
+                            .for_each(|(a, b)| simd::run(Copy { a, b }))
+                    });
+                    run(1, &mut || {
+                        a.par_chunks_mut(CHUNK)
+                            .zip(b.par_chunks(CHUNK))
+                            .zip(c.par_chunks(CHUNK))
+                            .for_each(|((a, b), c)| simd::run(Triad { a, b, c, s: 3.0 }))
+                    });
                     for (k, (_, opt)) in opts.iter_mut().enumerate() {
-                        let t = Instant::now();
-                        opt.step(&grads).unwrap();
-                        record(2 + k, t);
+                        run(2 + k, &mut || {
+                            opt.step(&grads).unwrap();
+                        });
                     }
                     if let Some(cn) = &mut cn {
                         use candle_nn::optim::Optimizer as _;
-                        let t = Instant::now();
-                        cn.step(&grads).unwrap();
-                        record(2 + opts.len(), t);
+                        run(2 + opts.len(), &mut || cn.step(&grads).unwrap());
                     }
                 }
             });
