@@ -1,0 +1,133 @@
+//! Behaviour specific to one algorithm, where the official code is silent or crashes.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use candle_optim::{GsnrMode, Lion, LionConfig, SgdSai, SgdSaiConfig};
+
+fn var(vals: &[f32]) -> Var {
+    Var::from_tensor(&Tensor::new(vals, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn grads(pairs: &[(&Var, &[f32])]) -> GradStore {
+    let mut g = GradStore::default();
+    for (v, vals) in pairs {
+        g.insert(v.as_tensor(), Tensor::new(*vals, &Device::Cpu).unwrap());
+    }
+    g
+}
+
+/// The reference's g-SNR: ‖g‖ / (std_unbiased(g) + eps), in f64 here.
+fn gsnr(g: &[f32], eps: f64) -> f64 {
+    let n = g.len() as f64;
+    let mean = g.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = g.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    let norm = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    norm / (var.sqrt() + eps)
+}
+
+#[test]
+fn sgd_sai_late_tensor_takes_its_gsnr_from_its_first_gradient() {
+    let (a, b) = (var(&[1., 2., 3., 4.]), var(&[0.5, -0.5, 1.5]));
+    let mut opt = SgdSai::new(vec![a.clone(), b.clone()], SgdSaiConfig::default()).unwrap();
+    let ga: &[f32] = &[0.1, -0.2, 0.3, 0.05];
+    opt.step(&grads(&[(&a, ga)])).unwrap();
+    assert!(opt.gsnr(&b).is_none(), "no g-SNR before b's first gradient");
+    let gb: &[f32] = &[0.7, -0.1, 0.4];
+    let b0: Vec<f32> = b.to_vec1().unwrap();
+    opt.step(&grads(&[(&a, ga), (&b, gb)])).unwrap();
+    let got = opt.gsnr(&b).unwrap();
+    assert!((got - gsnr(gb, 1e-8)).abs() < 1e-5 * got, "{got}");
+    // b's first update uses buf = g (no (1 − μ) factor): p ← p·(1 − lr·λ) − lr·gsnr·g.
+    let (lr, wd) = (1e-2, 1e-2);
+    for ((x, x0), g) in b.to_vec1::<f32>().unwrap().iter().zip(&b0).zip(gb) {
+        let want = *x0 as f64 * (1.0 - lr * wd) - lr * got * *g as f64;
+        assert!((*x as f64 - want).abs() < 1e-5, "{x} vs {want}");
+    }
+    // Fixed from then on.
+    opt.step(&grads(&[(&a, ga), (&b, &[9., 9.5, -3.])]))
+        .unwrap();
+    assert_eq!(opt.gsnr(&b).unwrap(), got);
+}
+
+#[test]
+fn sgd_sai_max_normalized_divides_by_the_max_over_all_groups() {
+    let (a, b) = (var(&[1., 2., 3., 4.]), var(&[0.5, -0.5, 1.5]));
+    let cfg = SgdSaiConfig {
+        gsnr_mode: GsnrMode::MaxNormalized,
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    let mut opt = SgdSai::builder(cfg)
+        .named_vars([("a", a.clone()), ("b", b.clone())])
+        .group_names(&["b"], |c| c.lr = 0.02)
+        .build()
+        .unwrap();
+    let (ga, gb): (&[f32], &[f32]) = (&[0.1, -0.2, 0.3, 0.05], &[1.0, 1.1, 0.9]);
+    let (a0, b0): (Vec<f32>, Vec<f32>) = (a.to_vec1().unwrap(), b.to_vec1().unwrap());
+    opt.step(&grads(&[(&a, ga), (&b, gb)])).unwrap();
+    let max = gsnr(ga, 1e-8).max(gsnr(gb, 1e-8));
+    assert!((opt.gsnr_max().unwrap() - max).abs() < 1e-5 * max);
+    // Group b steps with 0.02 · gsnr_b / G: b is the max here, so exactly 0.02 · g.
+    let b1: Vec<f32> = b.to_vec1().unwrap();
+    for ((x1, x0), g) in b1.iter().zip(&b0).zip(gb) {
+        assert!((x0 - x1 - 0.02 * g).abs() < 1e-6, "{x0} -> {x1}");
+    }
+    let a1: Vec<f32> = a.to_vec1().unwrap();
+    let sa = 1e-2 * gsnr(ga, 1e-8) / max;
+    for ((x1, x0), g) in a1.iter().zip(&a0).zip(ga) {
+        assert!((x0 - x1 - (sa * *g as f64) as f32).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn sgd_sai_without_momentum_is_scaled_sgd_and_keeps_no_buffer() {
+    let a = var(&[1., -2., 3., 0.5]);
+    let cfg = SgdSaiConfig {
+        momentum: 0.0,
+        ..Default::default()
+    };
+    let mut opt = SgdSai::new(vec![a.clone()], cfg.clone()).unwrap();
+    let gs: [&[f32]; 3] = [
+        &[0.1, -0.2, 0.3, 0.05],
+        &[0.4, 0.1, -0.3, 0.2],
+        &[-0.1, 0.0, 0.2, 0.3],
+    ];
+    let mut expect: Vec<f64> = a
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
+    let s = cfg.lr * gsnr(gs[0], cfg.eps);
+    for g in gs {
+        opt.step(&grads(&[(&a, g)])).unwrap();
+        for (e, g) in expect.iter_mut().zip(g) {
+            *e = *e * (1.0 - cfg.lr * cfg.weight_decay) - s * *g as f64;
+        }
+    }
+    for (x, e) in a.to_vec1::<f32>().unwrap().iter().zip(&expect) {
+        assert!((*x as f64 - e).abs() < 1e-5, "{x} vs {e}");
+    }
+    assert_eq!(opt.state_bytes(), 4, "only the g-SNR scalar");
+}
+
+#[test]
+fn lion_sign_of_zero_is_zero() {
+    // β1 = 0 and an all-zero first gradient: c = 0, so only the decay moves p.
+    let a = var(&[1., -2., 3.]);
+    let cfg = LionConfig {
+        lr: 0.1,
+        betas: (0.0, 0.99),
+        weight_decay: 0.5,
+    };
+    let mut opt = Lion::new(vec![a.clone()], cfg).unwrap();
+    opt.step(&grads(&[(&a, &[0., 0., 0.])])).unwrap();
+    let got: Vec<f32> = a.to_vec1().unwrap();
+    assert_eq!(got, vec![1. * 0.95, -2. * 0.95, 3. * 0.95]);
+    // Exactly-zero entries keep p (after decay); the others move by lr.
+    opt.step(&grads(&[(&a, &[0., 1., -1.])])).unwrap();
+    let now: Vec<f32> = a.to_vec1().unwrap();
+    assert_eq!(now[0], got[0] * 0.95);
+    assert!((now[1] - (got[1] * 0.95 - 0.1)).abs() < 1e-6);
+    assert!((now[2] - (got[2] * 0.95 + 0.1)).abs() < 1e-6);
+}
