@@ -12,7 +12,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_optim::{Algo, NonFinitePolicy};
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use std::time::Duration;
 
 /// GPT-2 small: wte, wpe, 12 × (ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj), ln_f.
@@ -131,5 +131,89 @@ fn bench(c: &mut Criterion) {
     drop(m);
 }
 
+/// The same steps measured side by side: rounds that rotate over every optimizer, each doing
+/// one untimed and five timed steps back to back, so the machine's slow drifts hit all alike.
+/// Prints each one's median, effective bandwidth and ratios to AdamW and to candle-nn.
+fn side_by_side(rounds: usize) {
+    let shapes = gpt2_small_shapes();
+    let m = model(&shapes);
+    let mut opts: Vec<(String, Box<dyn candle_optim::Optimizer>, u64)> = Algo::ALL
+        .iter()
+        .map(|&a| {
+            let mut o = a
+                .build_json(m.vars.clone(), &serde_json::json!({"lr": 1e-4}))
+                .unwrap();
+            o.set_non_finite_policy(NonFinitePolicy::Propagate);
+            (format!("{}_fused", a.name()), o, bytes_per_step(a, &shapes))
+        })
+        .collect();
+    use candle_nn::optim::Optimizer as _;
+    let vars: Vec<Var> = m.vars.iter().map(|(_, v)| v.clone()).collect();
+    let params = candle_nn::optim::ParamsAdamW {
+        lr: 1e-4,
+        ..Default::default()
+    };
+    let mut cn = candle_nn::optim::AdamW::new(vars, params).unwrap();
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); opts.len() + 1];
+    for _ in 0..rounds {
+        for (k, (_, o, _)) in opts.iter_mut().enumerate() {
+            o.step(&m.grads).unwrap();
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                o.step(&m.grads).unwrap();
+                times[k].push(t.elapsed().as_secs_f64());
+            }
+        }
+        let t = std::time::Instant::now();
+        cn.step(&m.grads).unwrap();
+        times[opts.len()].push(t.elapsed().as_secs_f64());
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let meds: Vec<f64> = times.iter_mut().map(med).collect();
+    let adamw = opts
+        .iter()
+        .position(|(n, _, _)| n == "adamw_fused")
+        .unwrap();
+    let gbps = |k: usize| opts[k].2 as f64 / meds[k] / 1e9;
+    println!(
+        "\nside by side ({rounds} rounds, {} threads), GPT-2 small:",
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<18} {:>10} {:>9} {:>15} {:>13}",
+        "step", "ms (med)", "GB/s", "GB/s vs AdamW", "vs candle-nn"
+    );
+    for k in 0..opts.len() {
+        println!(
+            "{:<18} {:>10.2} {:>9.2} {:>14.1}% {:>12.1}x",
+            opts[k].0,
+            meds[k] * 1e3,
+            gbps(k),
+            100.0 * gbps(k) / gbps(adamw),
+            meds[opts.len()] / meds[k]
+        );
+    }
+    println!("{:<18} {:>10.2}", "candle_nn_adamw", meds[opts.len()] * 1e3);
+    println!(
+        "SGD-SaI step / AdamW step: {:.3}",
+        meds[opts
+            .iter()
+            .position(|(n, _, _)| n == "sgd_sai_fused")
+            .unwrap()]
+            / meds[adamw]
+    );
+}
+
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    // `cargo bench -- <filter>` runs criterion's matching benchmarks only.
+    if std::env::args().skip(1).all(|a| a.starts_with('-')) {
+        side_by_side(4);
+    }
+}
