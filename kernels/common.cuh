@@ -54,8 +54,8 @@ template <> struct Elem<__half> {
   static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
 };
 
-// torch.sign: ±1, and the value itself for ±0 and NaN (NaN stays NaN: a NaN gradient is never
-// turned into "no update").
+// ±1, and the value itself for ±0 and NaN: torch.sign for every non-NaN input; NaN stays NaN
+// (torch's CPU sign gives 0), so a NaN gradient is never turned into "no update".
 template <typename M> __device__ __forceinline__ M sign0(M x) {
   return x > M(0) ? M(1) : (x < M(0) ? M(-1) : x);
 }

@@ -63,8 +63,8 @@ pub trait Real:
         self != self
     }
 
-    /// `torch.sign`: +1, -1, and the value itself for ±0 and NaN. Rust's `f32::signum` returns
-    /// ±1 for ±0, which is wrong for Lion.
+    /// +1, -1, and the value itself for ±0 and NaN: `torch.sign` for every non-NaN input (Rust's
+    /// `f32::signum` returns ±1 for ±0, which is wrong for Lion); NaN stays NaN.
     #[inline(always)]
     fn sign(self) -> Self {
         if self > Self::ZERO {

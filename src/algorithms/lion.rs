@@ -1,8 +1,10 @@
 //! Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), exactly as the
 //! authors' `google/automl` `lion_pytorch.py`. Spec: ALGORITHMS.md §7.
 //!
-//! `sign(0) = 0` (an exactly zero interpolation does not move the parameter) and `sign(NaN)` is
-//! NaN, as in torch; Rust's `f32::signum` would give ±1 for ±0 and is not used.
+//! `sign(0) = 0`, as in torch (an exactly zero interpolation does not move the parameter); Rust's
+//! `f32::signum` would give ±1 for ±0 and is not used. `sign(NaN)` is NaN here, where torch's CPU
+//! `sign` (and candle's) gives 0 and would silently turn a NaN gradient into "no update": what
+//! happens to non-finite gradients is the driver's [`crate::NonFinitePolicy`].
 
 use crate::algorithm::{Algorithm, Kernel, ParamMeta, Words};
 use crate::elem::{Elem, Real};
