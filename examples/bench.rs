@@ -11,7 +11,8 @@
 //! grads and state, read and written) over the median time; "% triad" compares it with the
 //! triad measured in the same run with the same threads. With `--torch`, `scripts/bench_torch.py`
 //! runs `torch.optim.AdamW` (fused, foreach, for-loop) and `torch.optim.SGD(momentum=0.9)` on
-//! the same shapes and threads, and its rows join the table.
+//! the same shapes and threads in its own process, its blocks of steps interleaved with ours in
+//! every round, and its rows join the table.
 
 mod common;
 
@@ -283,11 +284,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 names.push(("candle_nn_adamw".into(), 28 * n));
             }
             let mut times: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
-            // torch runs before and after ours; its rows take the median of both halves.
-            let torch_before = args
-                .torch
-                .as_ref()
-                .map(|py| run_torch(py, set, threads, args.steps.div_ceil(2)));
+            // torch, in its own process, answers blocks of steps between ours (same moments).
+            let mut torch = match &args.torch {
+                Some(py) => match TorchServer::start(py, set, threads) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        eprintln!("torch comparison skipped: {e}");
+                        None
+                    }
+                },
+                None => None,
+            };
+            let mut torch_times: Vec<Vec<f64>> =
+                vec![Vec::new(); torch.as_ref().map_or(0, |t| t.names.len())];
             pool.install(|| {
                 // Rounds of blocks: each measurement runs one untimed step and then `block`
                 // timed ones back to back (warm caches and page tables, as a training loop
@@ -323,6 +332,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         use candle_nn::optim::Optimizer as _;
                         run(2 + opts.len(), &mut || cn.step(&grads).unwrap());
                     }
+                    if let Some(t) = &mut torch {
+                        for (k, ms) in torch_times.iter_mut().enumerate() {
+                            match t.block(k, block) {
+                                Ok(v) => ms.extend(v),
+                                Err(e) => eprintln!("torch: {e}"),
+                            }
+                        }
+                    }
                 }
             });
             let mut local: Vec<Row> = Vec::new();
@@ -345,18 +362,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for ((name, bytes), ms) in names.into_iter().zip(times) {
                 push(name, ms, bytes);
             }
-            if let (Some(py), Some(before)) = (&args.torch, torch_before) {
-                let after = run_torch(py, set, threads, args.steps.div_ceil(2));
-                match (before, after) {
-                    (Ok(b), Ok(a)) => {
-                        for ((name, mut ms, bytes), (_, ms2, _)) in b.into_iter().zip(a) {
-                            ms.extend(ms2);
-                            push(name, ms, bytes);
-                        }
-                    }
-                    (Err(e), _) | (_, Err(e)) => eprintln!("torch comparison skipped: {e}"),
+            if let Some(t) = &torch {
+                for ((name, bytes), ms) in t.names.iter().zip(&t.bytes).zip(torch_times) {
+                    push(name.clone(), ms, *bytes);
                 }
             }
+            drop(torch);
             // Peak extra memory of one step of each optimizer (after the timed rounds, so the
             // state exists): the step allocates nothing proportional to the model.
             for (name, opt) in opts.iter_mut() {
@@ -415,47 +426,73 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-/// Runs scripts/bench_torch.py and returns (name, step times in ms, bytes) rows.
-fn run_torch(
-    py: &str,
-    set: &str,
-    threads: usize,
-    steps: usize,
-) -> Result<Vec<(String, Vec<f64>, usize)>, String> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench_torch.py");
-    let out = std::process::Command::new(py)
-        .args([
-            script,
-            "--set",
-            set,
-            "--threads",
-            &threads.to_string(),
-            "--steps",
-            &steps.to_string(),
-        ])
-        .output()
-        .map_err(|e| format!("{py}: {e}"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .last()
-            .unwrap_or("failed")
-            .to_string());
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-    Ok(v.as_array()
-        .ok_or("bad output")?
-        .iter()
-        .map(|r| {
-            let ms = r["ms"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
-                .unwrap_or_default();
-            (
-                r["name"].as_str().unwrap_or("?").to_string(),
-                ms,
-                r["bytes"].as_u64().unwrap_or(0) as usize,
-            )
+/// `scripts/bench_torch.py --serve` in its own process: the same shapes and threads, one block
+/// of steps per request.
+struct TorchServer {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    names: Vec<String>,
+    bytes: Vec<usize>,
+}
+
+impl TorchServer {
+    fn start(py: &str, set: &str, threads: usize) -> Result<Self, String> {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench_torch.py");
+        let mut child = Command::new(py)
+            .args([
+                script,
+                "--serve",
+                "--set",
+                set,
+                "--threads",
+                &threads.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{py}: {e}"))?;
+        let mut out = std::io::BufReader::new(child.stdout.take().ok_or("no stdout")?);
+        let mut line = String::new();
+        out.read_line(&mut line).map_err(|e| e.to_string())?;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| format!("{py} did not start: {e}"))?;
+        let names = v["names"]
+            .as_array()
+            .ok_or("bad handshake")?
+            .iter()
+            .map(|n| n.as_str().unwrap_or("?").to_string())
+            .collect();
+        let bytes = v["bytes"]
+            .as_array()
+            .ok_or("bad handshake")?
+            .iter()
+            .map(|b| b.as_u64().unwrap_or(0) as usize)
+            .collect();
+        Ok(Self {
+            child,
+            out,
+            names,
+            bytes,
         })
-        .collect())
+    }
+
+    /// One untimed and `k` timed steps of torch optimizer `i`; their times in ms.
+    fn block(&mut self, i: usize, k: usize) -> Result<Vec<f64>, String> {
+        use std::io::{BufRead, Write};
+        let stdin = self.child.stdin.as_mut().ok_or("no stdin")?;
+        writeln!(stdin, "{} {k}", self.names[i]).map_err(|e| e.to_string())?;
+        stdin.flush().map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        self.out.read_line(&mut line).map_err(|e| e.to_string())?;
+        serde_json::from_str(&line).map_err(|e| format!("bad reply {line:?}: {e}"))
+    }
+}
+
+impl Drop for TorchServer {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take()); // EOF ends the server loop
+        let _ = self.child.wait();
+    }
 }

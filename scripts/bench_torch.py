@@ -9,6 +9,12 @@ bench is given --torch and a python with torch.
 
     python3 scripts/bench_torch.py --set gpt2 --threads 2 --steps 10
     python3 scripts/bench_torch.py --device cuda --set xl --steps 20
+    python3 scripts/bench_torch.py --serve --set gpt2 --threads 2   # driven by examples/bench.rs
+
+With --serve it sets everything up, prints one JSON line {"names": [...], "bytes": [...]}, and
+then answers each line "NAME K" on stdin with one untimed and K timed steps of that optimizer,
+printing their times as a JSON list: the Rust bench interleaves these blocks with its own, so
+both are measured in the same moments of a noisy machine.
 """
 import argparse
 import json
@@ -46,6 +52,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--serve", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     shapes = {"gpt2": gpt2_small, "10m": ten_m, "xl": lambda: gpt2(48, 1600)}[a.set]()
@@ -63,6 +70,23 @@ def main():
         ("torch_adamw_forloop", lambda: torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, foreach=False), 28),
         ("torch_sgd_momentum", lambda: torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=True), 20),
     ]
+    if a.serve:
+        import sys
+        opts = {name: make() for name, make, _ in variants}
+        print(json.dumps({"names": [v[0] for v in variants], "bytes": [v[2] * n for v in variants]}), flush=True)
+        for line in sys.stdin:
+            name, k = line.split()
+            opt = opts[name]
+            opt.step()
+            sync()
+            ms = []
+            for _ in range(int(k)):
+                t = time.perf_counter()
+                opt.step()
+                sync()
+                ms.append((time.perf_counter() - t) * 1e3)
+            print(json.dumps(ms), flush=True)
+        return
     for name, make, bpe in variants:
         opt = make()
         for _ in range(3):

@@ -144,6 +144,17 @@ fn contig<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
     }
 }
 
+/// Elements before the first 64-byte boundary in `x`.
+pub(crate) fn misaligned_head<T>(x: &[T]) -> usize {
+    let size = std::mem::size_of::<T>().max(1);
+    let off = (x.as_ptr() as usize) % 64;
+    if off == 0 || off % size != 0 {
+        0
+    } else {
+        (64 - off) / size
+    }
+}
+
 /// The split point of a run of `n` elements: about half, rounded to [`ALIGN`].
 pub(crate) fn split_point(n: usize) -> usize {
     (n / 2).div_ceil(ALIGN) * ALIGN
@@ -202,7 +213,29 @@ fn apply_rec<K: Kernel, P: Elem>(
     leaf: usize,
 ) {
     if p.len() <= leaf {
-        simd::run(Apply { k, p, g, s: &mut s });
+        // Large allocations (candle's included) start 16 bytes into a cache line, so a 64-byte
+        // vector load or store would straddle two lines every time. A short scalar head brings
+        // the parameter (and every f32 array allocated alike) onto a line boundary.
+        let head = misaligned_head(p).min(p.len());
+        if head > 0 {
+            let (ph, pr) = p.split_at_mut(head);
+            let (gh, gr) = g.split_at(head);
+            let (mut sh, mut sr) = split_slots(s, head);
+            simd::run(Apply {
+                k,
+                p: ph,
+                g: gh,
+                s: &mut sh,
+            });
+            simd::run(Apply {
+                k,
+                p: pr,
+                g: gr,
+                s: &mut sr,
+            });
+        } else {
+            simd::run(Apply { k, p, g, s: &mut s });
+        }
         return;
     }
     let mid = split_point(p.len());
