@@ -148,7 +148,7 @@ fn contig<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
 pub(crate) fn misaligned_head<T>(x: &[T]) -> usize {
     let size = std::mem::size_of::<T>().max(1);
     let off = (x.as_ptr() as usize) % 64;
-    if off == 0 || off % size != 0 {
+    if off == 0 || !off.is_multiple_of(size) {
         0
     } else {
         (64 - off) / size
