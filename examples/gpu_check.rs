@@ -16,7 +16,7 @@
 mod replay;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use candle_optim::{Algo, NonFinitePolicy};
 use clap::Parser;
 use serde::Serialize;
@@ -32,9 +32,12 @@ struct Args {
     /// Where results.json and results.md go.
     #[arg(long, default_value = "gpu-results")]
     out: PathBuf,
-    /// Timed steps per optimizer (after 3 warm-up steps).
+    /// Timed steps per optimizer and mode (after 3 warm-up steps).
     #[arg(long, default_value_t = 20)]
     steps: usize,
+    /// Optimizers to bench (default: all seven).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Parameter sets: gpt2 (124.4M) and/or xl (GPT-2-XL, 1.56B).
     #[arg(long, default_value = "gpt2,xl", value_delimiter = ',')]
     sets: Vec<String>,
@@ -52,15 +55,59 @@ struct Args {
     skip_bench: bool,
 }
 
+/// One benchmarked operation. `ms_median`/`ms_min` are per step with steps enqueued back to
+/// back (`--steps` of them, then one synchronize; five such runs): the device's rate, which is
+/// what GB/s and % of copy come from. `ms_sync` is the median of single steps each followed
+/// by a synchronize (what one step costs end to end, host work and launch latency included);
+/// `host_ms` the median host time to enqueue one step.
 #[derive(Serialize, Debug, Clone)]
 struct Row {
     set: String,
     name: String,
     ms_median: f64,
     ms_min: f64,
+    ms_sync: f64,
+    host_ms: f64,
     bytes: usize,
     gbps: f64,
     pct_copy: f64,
+}
+
+impl Row {
+    fn new(set: &str, name: &str, t: Timing, bytes: usize) -> Row {
+        Row {
+            set: set.into(),
+            name: name.into(),
+            ms_median: t.tput_median,
+            ms_min: t.tput_min,
+            ms_sync: t.sync_median,
+            host_ms: t.host_median,
+            bytes,
+            gbps: bytes as f64 / (t.tput_median * 1e-3) / 1e9,
+            pct_copy: 0.0,
+        }
+    }
+}
+
+/// Medians (ms) of the three ways a step is timed; see [`Row`].
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    tput_median: f64,
+    tput_min: f64,
+    sync_median: f64,
+    host_median: f64,
+}
+
+impl Timing {
+    fn from_samples(mut tput: Vec<f64>, mut sync: Vec<f64>, mut host: Vec<f64>) -> Timing {
+        let tput_min = tput.iter().cloned().fold(f64::INFINITY, f64::min);
+        Timing {
+            tput_median: median(&mut tput),
+            tput_min,
+            sync_median: median(&mut sync),
+            host_median: median(&mut host),
+        }
+    }
 }
 
 /// GPT-2 shapes: vocab 50257, context 1024, `layers` blocks of width `d`.
@@ -89,27 +136,41 @@ fn gpt2_shapes(layers: usize, d: usize) -> Vec<Vec<usize>> {
 }
 
 fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
-fn time_ms(
+/// Times `f` (one step) both ways described at [`Row`].
+fn time_step(
     dev: &Device,
     steps: usize,
     mut f: impl FnMut() -> candle_optim::Result<()>,
-) -> candle_optim::Result<Vec<f64>> {
+) -> candle_optim::Result<Timing> {
     for _ in 0..3 {
         f()?;
     }
     dev.synchronize()?;
-    let mut out = Vec::with_capacity(steps);
+    let (mut sync, mut host) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
     for _ in 0..steps {
         let t = Instant::now();
         f()?;
+        host.push(t.elapsed().as_secs_f64() * 1e3);
         dev.synchronize()?;
-        out.push(t.elapsed().as_secs_f64() * 1e3);
+        sync.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    Ok(out)
+    let mut tput = Vec::with_capacity(5);
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..steps {
+            f()?;
+        }
+        dev.synchronize()?;
+        tput.push(t.elapsed().as_secs_f64() * 1e3 / steps as f64);
+    }
+    Ok(Timing::from_samples(tput, sync, host))
 }
 
 fn main() {
@@ -146,7 +207,11 @@ fn main() {
         let (_, _, _, cpu_states) = replay::run_all(&files, &Device::Cpu, false);
         // Final state, CUDA vs CPU: |a − b| ≤ 1e-5·(|b| + max|b|) elementwise.
         let mut worst = 0f64;
-        for ((name, g), (_, c)) in gpu_states.iter().zip(&cpu_states) {
+        for (name, g) in &gpu_states {
+            let Some((_, c)) = cpu_states.iter().find(|(n, _)| n == name) else {
+                continue;
+            };
+            let mut shown = 0;
             for (gp, cp) in g.iter().zip(c) {
                 for (gs, cs) in gp.iter().zip(cp) {
                     let scale = cs.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
@@ -154,7 +219,12 @@ fn main() {
                         let e = (*a as f64 - *b as f64).abs()
                             / (1e-5 * ((*b as f64).abs() + scale) + 1e-30);
                         if e.is_nan() || e > 1.0 {
-                            println!("state of {name} differs between CUDA and CPU ({a} vs {b})");
+                            if shown < 3 {
+                                println!(
+                                    "state of {name} differs between CUDA and CPU ({a} vs {b})"
+                                );
+                            }
+                            shown += 1;
                             ok = false;
                         }
                         worst = worst.max(if e.is_nan() { f64::INFINITY } else { e });
@@ -183,8 +253,9 @@ fn main() {
             };
             let n: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
             println!("\n== bench {set}: {n} parameters");
-            match bench_set(&dev, set, &shapes, args.steps) {
-                Ok(mut r) => {
+            match bench_set(&dev, set, &shapes, args.steps, &args.only) {
+                Ok((mut r, failed)) => {
+                    ok &= failed.is_empty();
                     if let Some(py) = &args.torch {
                         match torch_rows(py, args.torch_script.as_ref(), set, args.steps) {
                             Ok(t) => r.extend(t),
@@ -206,15 +277,18 @@ fn main() {
                 }
             }
         }
-        md += "| set | step | ms (median) | ms (min) | GB/s | % of copy |\n|---|---|---|---|---|---|\n";
+        md += "Steps enqueued back to back (median and min of 5 runs); `sync`: one step then a \
+                synchronize; `host`: time to enqueue one step.\n\n\
+                | set | step | ms/step (median) | (min) | GB/s | % of copy | ms sync | ms host |\n\
+                |---|---|---|---|---|---|---|---|\n";
         for r in &rows {
             println!(
-                "{:<5} {:<26} {:>9.3} ms {:>9.3} ms {:>8.1} GB/s {:>6.1}% of copy",
-                r.set, r.name, r.ms_median, r.ms_min, r.gbps, r.pct_copy
+                "{:<5} {:<26} {:>8.3} ms {:>8.3} ms {:>8.1} GB/s {:>6.1}% of copy  sync {:>7.3} ms  host {:>7.3} ms",
+                r.set, r.name, r.ms_median, r.ms_min, r.gbps, r.pct_copy, r.ms_sync, r.host_ms
             );
             md += &format!(
-                "| {} | {} | {:.3} | {:.3} | {:.1} | {:.1}% |\n",
-                r.set, r.name, r.ms_median, r.ms_min, r.gbps, r.pct_copy
+                "| {} | {} | {:.3} | {:.3} | {:.1} | {:.1}% | {:.3} | {:.3} |\n",
+                r.set, r.name, r.ms_median, r.ms_min, r.gbps, r.pct_copy, r.ms_sync, r.host_ms
             );
         }
         for set in &args.sets {
@@ -226,6 +300,19 @@ fn main() {
             if let (Some(a), Some(t)) = (get("adamw_fused"), get("torch_adamw_fused")) {
                 let line = format!(
                     "{set}: AdamW is {:.2}x the speed of torch fused AdamW",
+                    t / a
+                );
+                println!("{line}");
+                md += &format!("\n{line}\n");
+            }
+            let sync = |n: &str| {
+                rows.iter()
+                    .find(|r| &r.set == set && r.name == n)
+                    .map(|r| r.ms_sync)
+            };
+            if let (Some(a), Some(t)) = (sync("adamw_fused"), sync("torch_adamw_fused")) {
+                let line = format!(
+                    "{set}: AdamW is {:.2}x the speed of torch fused AdamW, one synchronized step at a time",
                     t / a
                 );
                 println!("{line}");
@@ -249,7 +336,8 @@ fn bench_set(
     set: &str,
     shapes: &[Vec<usize>],
     steps: usize,
-) -> candle_optim::Result<Vec<Row>> {
+    only: &[String],
+) -> candle_optim::Result<(Vec<Row>, Vec<&'static str>)> {
     let n: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
     let mut grads = GradStore::default();
     let mut vars = Vec::new();
@@ -259,42 +347,65 @@ fn bench_set(
         vars.push((format!("p{i}"), v));
     }
     let mut rows = Vec::new();
-    let mut push = |name: &str, mut ms: Vec<f64>, bytes: usize| {
-        let min = ms.iter().cloned().fold(f64::INFINITY, f64::min);
-        let med = median(&mut ms);
-        rows.push(Row {
-            set: set.into(),
-            name: name.into(),
-            ms_median: med,
-            ms_min: min,
-            bytes,
-            gbps: bytes as f64 / (med * 1e-3) / 1e9,
-            pct_copy: 0.0,
-        });
-    };
-    // A device-to-device copy of a buffer as large as the parameters (reads + writes 8 B/elem).
-    let src = Tensor::zeros(n, DType::F32, dev)?;
-    let ms = time_ms(dev, steps, || {
-        let _ = src.copy()?;
-        Ok(())
-    })?;
-    push("device_copy", ms, 8 * n);
+    let mut push = |name: &str, t: Timing, bytes: usize| rows.push(Row::new(set, name, t, bytes));
+    // A device-to-device copy (cuMemcpyDtoDAsync) between two preallocated buffers as large as
+    // the parameters: reads and writes 8 B per element.
+    push("device_copy", device_copy(dev, n, steps)?, 8 * n);
+    // One optimizer failing must not cost the others' rows: report it and go on.
+    let mut failed = Vec::new();
     for &algo in Algo::ALL {
-        let mut opt = algo.build_json(
-            vars.clone(),
-            &serde_json::json!({"lr": 1e-4, "weight_decay": 0.01}),
-        )?;
-        opt.set_non_finite_policy(NonFinitePolicy::Propagate);
-        let bytes = opt.step_traffic_bytes();
-        let ms = time_ms(dev, steps, || opt.step(&grads).map(|_| ()))?;
-        push(&format!("{}_fused", algo.name()), ms, bytes);
-        if algo == Algo::AdamW {
-            opt.set_non_finite_policy(NonFinitePolicy::SkipStep);
-            let ms = time_ms(dev, steps, || opt.step(&grads).map(|_| ()))?;
-            push("adamw_fused_skipstep", ms, bytes);
+        if !only.is_empty() && !only.iter().any(|o| o == algo.name()) {
+            continue;
+        }
+        let mut run = || -> candle_optim::Result<()> {
+            let mut opt = algo.build_json(
+                vars.clone(),
+                &serde_json::json!({"lr": 1e-4, "weight_decay": 0.01}),
+            )?;
+            opt.set_non_finite_policy(NonFinitePolicy::Propagate);
+            let bytes = opt.step_traffic_bytes();
+            let t = time_step(dev, steps, || opt.step(&grads).map(|_| ()))?;
+            push(&format!("{}_fused", algo.name()), t, bytes);
+            if algo == Algo::AdamW {
+                opt.set_non_finite_policy(NonFinitePolicy::SkipStep);
+                let t = time_step(dev, steps, || opt.step(&grads).map(|_| ()))?;
+                push("adamw_fused_skipstep", t, bytes);
+            }
+            Ok(())
+        };
+        if let Err(e) = run() {
+            eprintln!("bench {set}: {} failed: {e}", algo.name());
+            failed.push(algo.name());
         }
     }
-    Ok(rows)
+    Ok((rows, failed))
+}
+
+#[cfg(feature = "cuda")]
+fn device_copy(dev: &Device, n: usize, steps: usize) -> candle_optim::Result<Timing> {
+    let Device::Cuda(d) = dev else {
+        unreachable!("gpu_check runs on a CUDA device")
+    };
+    let stream = d.cuda_stream();
+    let src = stream
+        .alloc_zeros::<f32>(n)
+        .map_err(candle_core::Error::wrap)?;
+    let mut dst = stream
+        .alloc_zeros::<f32>(n)
+        .map_err(candle_core::Error::wrap)?;
+    time_step(dev, steps, || {
+        stream
+            .memcpy_dtod(&src, &mut dst)
+            .map_err(candle_core::Error::wrap)?;
+        Ok(())
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_copy(_: &Device, _: usize, _: usize) -> candle_optim::Result<Timing> {
+    Err(candle_optim::Error::Unsupported(
+        "built without the cuda feature".into(),
+    ))
 }
 
 fn torch_rows(
@@ -335,22 +446,14 @@ fn torch_rows(
         .ok_or("bad output")?
         .iter()
         .map(|r| {
-            let mut ms: Vec<f64> = r["ms"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
-                .unwrap_or_default();
-            let min = ms.iter().cloned().fold(f64::INFINITY, f64::min);
-            let med = median(&mut ms);
+            let list = |k: &str| -> Vec<f64> {
+                r[k].as_array()
+                    .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+                    .unwrap_or_default()
+            };
+            let t = Timing::from_samples(list("ms_tput"), list("ms"), list("ms_host"));
             let bytes = r["bytes"].as_u64().unwrap_or(0) as usize;
-            Row {
-                set: set.into(),
-                name: r["name"].as_str().unwrap_or("?").into(),
-                ms_median: med,
-                ms_min: min,
-                bytes,
-                gbps: bytes as f64 / (med * 1e-3) / 1e9,
-                pct_copy: 0.0,
-            }
+            Row::new(set, r["name"].as_str().unwrap_or("?"), t, bytes)
         })
         .collect())
 }

@@ -15,32 +15,28 @@ __device__ void adabelief(const TensorEntry* __restrict__ ts, const BlockEntry* 
   const M neg_step = (M)(-w[6]), gs = (M)w[8];
   const int mode = (int)w[7];
   const bool coupled = w[1] != 0.0, amsgrad = w[9] != 0.0;
-  P* __restrict__ p = (P*)t.p;
-  const P* __restrict__ g = (const P*)t.g;
-  M* __restrict__ m = (M*)t.s[0];
-  M* __restrict__ var = (M*)t.s[1];
-  M* __restrict__ vmax = (M*)t.s[2];
-  CO_LOOP(t, i) {
-    const M p0 = Elem<P>::load(p[i]);
+  // s[0] m, s[1] var, s[2] max var (amsgrad)
+  co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {
+    const M p0 = p;
     const M pi = p0 * decay;
-    M gi = Elem<P>::load(g[i]) * gs;
+    M gi = g * gs;
     if (coupled) gi = gi + l2 * p0;
-    const M mi = m[i] * b1 + ob1 * gi;
+    const M mi = s[0] * b1 + ob1 * gi;
     const M r = gi - mi;
-    const M si = (var[i] * b2 + ob2 * r * r) + eps;
-    m[i] = mi;
-    var[i] = si;
+    const M si = (s[1] * b2 + ob2 * r * r) + eps;
+    s[0] = mi;
+    s[1] = si;
     M vm = si;
     if (amsgrad) {
-      vm = max_nan(vmax[i], si);
-      vmax[i] = vm;
+      vm = max_nan(s[2], si);
+      s[2] = vm;
     }
     M out = pi;
     if (mode == 0) out = pi + neg_step * (mi / (sqrt(vm) / bc2s + eps));
     else if (mode == 1) out = pi + neg_step * (mi / (sqrt(si) + eps));
     else if (mode == 2) out = pi + neg_step * mi;
-    p[i] = Elem<P>::store(out);
-  }
+    p = out;
+  });
 }
 
 CO_ENTRY_POINTS(adabelief)

@@ -32,6 +32,15 @@ template <typename M> struct AdamPScalars {
   }
 };
 
+// Whether a segment starting at element `a` can take the four-wide path (every pointer and `a`
+// aligned for it; slots 0 and 1 are float state).
+template <typename P>
+__device__ __forceinline__ bool vec_ok(const TensorEntry& t, unsigned long long a) {
+  typedef typename Elem<P>::M M;
+  return Elem<P>::VEC && a % 4 == 0 && ((t.p | t.g) % (4 * sizeof(P))) == 0 &&
+         ((t.s[0] | t.s[1]) % (4 * sizeof(M))) == 0;
+}
+
 // The segment a warp works on: row r, elements [a, b) of the tensor.
 struct Segment {
   bool valid;
@@ -63,7 +72,33 @@ __device__ void adamp_pass1(const TensorEntry* __restrict__ ts, const BlockEntry
   M* __restrict__ m = (M*)t.s[0];
   M* __restrict__ v = (M*)t.s[1];
   double gp = 0.0, gg = 0.0, pp = 0.0;
-  for (unsigned long long i = s.a + (threadIdx.x & 31); i < s.b; i += 32) {
+  const unsigned long long lane = threadIdx.x & 31;
+  unsigned long long rest = s.a;
+  if (vec_ok<P>(t, s.a)) {  // four elements per access, as in co_apply
+    const unsigned long long nv = (s.b - s.a) / 4;
+    for (unsigned long long j = lane; j < nv; j += 32) {
+      const unsigned long long i = s.a + 4 * j;
+      M pv[4], gv[4], mv[4], vv[4];
+      Elem<P>::load4(p + i, pv);
+      Elem<P>::load4(g + i, gv);
+      Elem<M>::load4(m + i, mv);
+      Elem<M>::load4(v + i, vv);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        const M gi = gv[l] * c.gs;
+        mv[l] = mv[l] * c.b1 + c.ob1 * gi;
+        vv[l] = vv[l] * c.b2 + c.ob2 * gi * gi;
+        const double gf = (double)gi, pf = (double)pv[l];
+        gp += gf * pf;
+        gg += gf * gf;
+        pp += pf * pf;
+      }
+      Elem<M>::store4(m + i, mv);
+      Elem<M>::store4(v + i, vv);
+    }
+    rest = s.a + 4 * nv;
+  }
+  for (unsigned long long i = rest + lane; i < s.b; i += 32) {
     const M gi = Elem<P>::load(g[i]) * c.gs;
     const M mi = m[i] * c.b1 + c.ob1 * gi;
     const M vi = v[i] * c.b2 + c.ob2 * gi * gi;
@@ -139,7 +174,23 @@ __device__ void adamp_pu(const TensorEntry* __restrict__ ts, const BlockEntry* _
   const M* __restrict__ m = (const M*)t.s[0];
   const M* __restrict__ v = (const M*)t.s[1];
   double acc = 0.0;
-  for (unsigned long long i = s.a + (threadIdx.x & 31); i < s.b; i += 32) {
+  const unsigned long long lane = threadIdx.x & 31;
+  unsigned long long rest = s.a;
+  if (vec_ok<P>(t, s.a)) {
+    const unsigned long long nv = (s.b - s.a) / 4;
+    for (unsigned long long j = lane; j < nv; j += 32) {
+      const unsigned long long i = s.a + 4 * j;
+      M pv[4], gv[4], mv[4], vv[4];
+      Elem<P>::load4(p + i, pv);
+      Elem<P>::load4(g + i, gv);
+      Elem<M>::load4(m + i, mv);
+      Elem<M>::load4(v + i, vv);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) acc += (double)pv[l] * (double)c.u(mv[l], vv[l], gv[l] * c.gs);
+    }
+    rest = s.a + 4 * nv;
+  }
+  for (unsigned long long i = rest + lane; i < s.b; i += 32) {
     const M u = c.u(m[i], v[i], Elem<P>::load(g[i]) * c.gs);
     acc += (double)Elem<P>::load(p[i]) * (double)u;
   }
@@ -175,21 +226,18 @@ __device__ void adamp_pass2(const TensorEntry* __restrict__ ts, const BlockEntry
   const M decay = lr_wd > 0.0 ? (M)(1.0 - lr_wd * r) : M(1);
   const M linv = (M)coef[2 * t.off], lcoef = (M)coef[2 * t.off + 1];  // layer view
   const unsigned int row_len = (unsigned int)t.row_len;
-  P* __restrict__ p = (P*)t.p;
-  const P* __restrict__ g = (const P*)t.g;
-  const M* __restrict__ m = (const M*)t.s[0];
-  const M* __restrict__ v = (const M*)t.s[1];
-  CO_LOOP(t, i) {
-    const M pi = Elem<P>::load(p[i]);
-    M u = c.u(m[i], v[i], Elem<P>::load(g[i]) * c.gs);
+  // m and v were written by pass 1; here they are only read.
+  co_apply<P, false>(t, co_b, [&](unsigned long long i, M& p, M g, M* s) {
+    const M pi = p;
+    M u = c.u(s[0], s[1], g * c.gs);
     if (md == 1.0) {
       const unsigned long long k = 2 * (t.off + (unsigned int)i / row_len);
       u = u - (pi * (M)coef[k]) * (M)coef[k + 1];
     } else if (md == 2.0) {
       u = u - (pi * linv) * lcoef;
     }
-    p[i] = Elem<P>::store(pi * decay + c.neg_ss * u);
-  }
+    p = pi * decay + c.neg_ss * u;
+  });
 }
 
 // Rank < 2: the plain Adam step with AdamP's decay (never projected).
@@ -199,18 +247,14 @@ __device__ void adamp_plain(const TensorEntry* __restrict__ ts, const BlockEntry
   CO_TENSOR(t)
   const AdamPScalars<M> c(t.w);
   const M decay = t.w[5] > 0.0 ? (M)(1.0 - t.w[5]) : M(1);
-  P* __restrict__ p = (P*)t.p;
-  const P* __restrict__ g = (const P*)t.g;
-  M* __restrict__ m = (M*)t.s[0];
-  M* __restrict__ v = (M*)t.s[1];
-  CO_LOOP(t, i) {
-    const M gi = Elem<P>::load(g[i]) * c.gs;
-    const M mi = m[i] * c.b1 + c.ob1 * gi;
-    const M vi = v[i] * c.b2 + c.ob2 * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = Elem<P>::store(Elem<P>::load(p[i]) * decay + c.neg_ss * c.u(mi, vi, gi));
-  }
+  co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {
+    const M gi = g * c.gs;
+    const M mi = s[0] * c.b1 + c.ob1 * gi;
+    const M vi = s[1] * c.b2 + c.ob2 * gi * gi;
+    s[0] = mi;
+    s[1] = vi;
+    p = p * decay + c.neg_ss * c.u(mi, vi, gi);
+  });
 }
 
 #define ADAMP_ENTRIES(P, SUFFIX)                                                            \

@@ -14,27 +14,22 @@ __device__ void adamw(const TensorEntry* __restrict__ ts, const BlockEntry* __re
   const M decay = (M)w[0], lw = (M)w[1], lw1 = M(1) - lw, b2 = (M)w[2], ob2 = (M)w[3];
   const M bc2s = (M)w[4], neg_step = (M)(-w[5]), eps = (M)w[6], gs = (M)w[7];
   const bool small_w = w[1] < 0.5, amsgrad = w[8] != 0.0;
-  P* __restrict__ p = (P*)t.p;
-  const P* __restrict__ g = (const P*)t.g;
-  M* __restrict__ m = (M*)t.s[0];
-  M* __restrict__ v = (M*)t.s[1];
-  M* __restrict__ vmax = (M*)t.s[2];
-  CO_LOOP(t, i) {
-    const M gi = Elem<P>::load(g[i]) * gs;
-    const M pi = Elem<P>::load(p[i]) * decay;
-    const M m0 = m[i];
+  co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {
+    const M gi = g * gs;
+    const M pi = p * decay;
+    const M m0 = s[0];
     const M mi = small_w ? m0 + lw * (gi - m0) : gi - (gi - m0) * lw1;  // torch.lerp
-    const M vi = v[i] * b2 + ob2 * gi * gi;
+    const M vi = s[1] * b2 + ob2 * gi * gi;
     M vd = vi;
     if (amsgrad) {
-      vd = max_nan(vmax[i], vi);
-      vmax[i] = vd;
+      vd = max_nan(s[2], vi);
+      s[2] = vd;
     }
     const M denom = sqrt(vd) / bc2s + eps;
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = Elem<P>::store(pi + neg_step * (mi / denom));
-  }
+    s[0] = mi;
+    s[1] = vi;
+    p = pi + neg_step * (mi / denom);
+  });
 }
 
 CO_ENTRY_POINTS(adamw)

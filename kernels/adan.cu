@@ -16,32 +16,27 @@ __device__ void adan(const TensorEntry* __restrict__ ts, const BlockEntry* __res
   const M neg_ss = (M)(-w[5]), neg_ssd = (M)(-w[6]), decay = (M)w[7], prox = (M)w[8];
   const M gs = (M)w[11];
   const bool no_prox = w[9] != 0.0, first = w[10] != 0.0;
-  P* __restrict__ p = (P*)t.p;
-  const P* __restrict__ g = (const P*)t.g;
-  M* __restrict__ m = (M*)t.s[0];
-  M* __restrict__ n = (M*)t.s[1];
-  M* __restrict__ d = (M*)t.s[2];
-  M* __restrict__ q = (M*)t.s[3];
-  CO_LOOP(t, i) {
-    const M gi = Elem<P>::load(g[i]) * gs;
-    const M q0 = first ? -gi : q[i];
+  // s[0] m, s[1] n, s[2] d, s[3] q
+  co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {
+    const M gi = g * gs;
+    const M q0 = first ? -gi : s[3];
     const M diff = q0 + gi;
-    const M mi = m[i] * b1 + ob1 * gi;
-    const M di = d[i] * b2 + ob2 * diff;
+    const M mi = s[0] * b1 + ob1 * gi;
+    const M di = s[2] * b2 + ob2 * diff;
     const M u = diff * b2 + gi;
-    const M ni = n[i] * b3 + ob3 * u * u;
+    const M ni = s[1] * b3 + ob3 * u * u;
     const M denom = sqrt(ni) / bc3s + eps;
-    M pi = Elem<P>::load(p[i]);
+    M pi = p;
     if (no_prox) pi = pi * decay;
     pi = pi + neg_ss * (mi / denom);
     pi = pi + neg_ssd * (di / denom);
     if (!no_prox) pi = pi / prox;
-    m[i] = mi;
-    d[i] = di;
-    n[i] = ni;
-    q[i] = -gi;
-    p[i] = Elem<P>::store(pi);
-  }
+    s[0] = mi;
+    s[2] = di;
+    s[1] = ni;
+    s[3] = -gi;
+    p = pi;
+  });
 }
 
 CO_ENTRY_POINTS(adan)

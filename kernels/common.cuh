@@ -33,25 +33,73 @@ struct BlockEntry {
 };
 
 template <typename P> struct Elem;
+// load4/store4 move four consecutive elements with one vector access (16 bytes for float, 8
+// for the 16-bit types); callers check alignment first. VEC is false where no such path is
+// worth having (double runs the scalar loop).
 template <> struct Elem<float> {
   typedef float M;
+  static constexpr bool VEC = true;
   static __device__ __forceinline__ float load(float x) { return x; }
   static __device__ __forceinline__ float store(float x) { return x; }
+  static __device__ __forceinline__ void load4(const float* p, float* o) {
+    const float4 x = *reinterpret_cast<const float4*>(p);
+    o[0] = x.x; o[1] = x.y; o[2] = x.z; o[3] = x.w;
+  }
+  static __device__ __forceinline__ void store4(float* p, const float* o) {
+    *reinterpret_cast<float4*>(p) = make_float4(o[0], o[1], o[2], o[3]);
+  }
 };
 template <> struct Elem<double> {
   typedef double M;
+  static constexpr bool VEC = false;
   static __device__ __forceinline__ double load(double x) { return x; }
   static __device__ __forceinline__ double store(double x) { return x; }
+  static __device__ __forceinline__ void load4(const double* p, double* o) {
+    for (int k = 0; k < 4; ++k) o[k] = p[k];
+  }
+  static __device__ __forceinline__ void store4(double* p, const double* o) {
+    for (int k = 0; k < 4; ++k) p[k] = o[k];
+  }
 };
 template <> struct Elem<__nv_bfloat16> {
   typedef float M;
+  static constexpr bool VEC = true;
   static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ void load4(const __nv_bfloat16* p, float* o) {
+    const uint2 x = *reinterpret_cast<const uint2*>(p);
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.x));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.y));
+    o[0] = a.x; o[1] = a.y; o[2] = b.x; o[3] = b.y;
+  }
+  static __device__ __forceinline__ void store4(__nv_bfloat16* p, const float* o) {
+    const __nv_bfloat162 a = __floats2bfloat162_rn(o[0], o[1]);
+    const __nv_bfloat162 b = __floats2bfloat162_rn(o[2], o[3]);
+    uint2 x;
+    x.x = *reinterpret_cast<const unsigned int*>(&a);
+    x.y = *reinterpret_cast<const unsigned int*>(&b);
+    *reinterpret_cast<uint2*>(p) = x;
+  }
 };
 template <> struct Elem<__half> {
   typedef float M;
+  static constexpr bool VEC = true;
   static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ void load4(const __half* p, float* o) {
+    const uint2 x = *reinterpret_cast<const uint2*>(p);
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&x.x));
+    const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&x.y));
+    o[0] = a.x; o[1] = a.y; o[2] = b.x; o[3] = b.y;
+  }
+  static __device__ __forceinline__ void store4(__half* p, const float* o) {
+    const __half2 a = __floats2half2_rn(o[0], o[1]);
+    const __half2 b = __floats2half2_rn(o[2], o[3]);
+    uint2 x;
+    x.x = *reinterpret_cast<const unsigned int*>(&a);
+    x.y = *reinterpret_cast<const unsigned int*>(&b);
+    *reinterpret_cast<uint2*>(p) = x;
+  }
 };
 
 // ±1, and the value itself for ±0 and NaN: torch.sign for every non-NaN input; NaN stays NaN
@@ -76,6 +124,75 @@ template <typename M> __device__ __forceinline__ M max_nan(M a, M b) {
   const unsigned long long co_end = min(co_start + (unsigned long long)CO_CHUNK, t.n);    \
   _Pragma("unroll 4") for (unsigned long long i = co_start + threadIdx.x; i < co_end;     \
                            i += blockDim.x)
+
+// The element loop of a block's chunk [co_b.chunk * CO_CHUNK, ...) of tensor t, for kernels
+// written as a per-element `op(i, p, g, s)`: p (in/out) and g in the math type, s[k] the
+// tensor's state slot k (present where t.s[k] != 0; slots are M). p is always written back;
+// slots too when STORE_SLOTS. Where every pointer allows it, each thread moves four
+// consecutive elements per access (float4 for state): a memory-bound step needs few, wide
+// accesses in flight to reach the bandwidth. The rest runs one element at a time. The
+// arithmetic is the same on both paths, so results do not depend on alignment.
+template <typename P, bool STORE_SLOTS, typename Op>
+__device__ __forceinline__ void co_apply(const TensorEntry& t, const BlockEntry& b, Op op) {
+  typedef typename Elem<P>::M M;
+  const unsigned long long start = (unsigned long long)b.chunk * CO_CHUNK;
+  const unsigned long long end = min(start + (unsigned long long)CO_CHUNK, t.n);
+  P* __restrict__ p = (P*)t.p;
+  const P* __restrict__ g = (const P*)t.g;
+  M* s[CO_MAX_SLOTS];
+  bool has[CO_MAX_SLOTS];
+  bool vec = Elem<P>::VEC && ((t.p | t.g) % (4 * sizeof(P))) == 0;
+#pragma unroll
+  for (int k = 0; k < CO_MAX_SLOTS; ++k) {
+    s[k] = (M*)t.s[k];
+    has[k] = t.s[k] != 0;
+    if (has[k]) vec = vec && (t.s[k] % (4 * sizeof(M))) == 0;
+  }
+  unsigned long long rest = start;
+  if (vec) {
+    const unsigned long long nv = (end - start) / 4;
+#pragma unroll 2
+    for (unsigned long long j = threadIdx.x; j < nv; j += blockDim.x) {
+      const unsigned long long i = start + 4 * j;
+      M pv[4], gv[4], sv[CO_MAX_SLOTS][4] = {};
+      Elem<P>::load4(p + i, pv);
+      Elem<P>::load4(g + i, gv);
+#pragma unroll
+      for (int k = 0; k < CO_MAX_SLOTS; ++k)
+        if (has[k]) Elem<M>::load4(s[k] + i, sv[k]);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        M sl[CO_MAX_SLOTS];
+#pragma unroll
+        for (int k = 0; k < CO_MAX_SLOTS; ++k) sl[k] = sv[k][l];
+        op(i + l, pv[l], gv[l], sl);
+#pragma unroll
+        for (int k = 0; k < CO_MAX_SLOTS; ++k) sv[k][l] = sl[k];
+      }
+      Elem<P>::store4(p + i, pv);
+      if (STORE_SLOTS) {
+#pragma unroll
+        for (int k = 0; k < CO_MAX_SLOTS; ++k)
+          if (has[k]) Elem<M>::store4(s[k] + i, sv[k]);
+      }
+    }
+    rest = start + 4 * nv;
+  }
+  for (unsigned long long i = rest + threadIdx.x; i < end; i += blockDim.x) {
+    M pl = Elem<P>::load(p[i]);
+    M sl[CO_MAX_SLOTS] = {};
+#pragma unroll
+    for (int k = 0; k < CO_MAX_SLOTS; ++k)
+      if (has[k]) sl[k] = s[k][i];
+    op(i, pl, Elem<P>::load(g[i]), sl);
+    p[i] = Elem<P>::store(pl);
+    if (STORE_SLOTS) {
+#pragma unroll
+      for (int k = 0; k < CO_MAX_SLOTS; ++k)
+        if (has[k]) s[k][i] = sl[k];
+    }
+  }
+}
 
 // Declares `extern "C"` entry points NAME_f32, NAME_f64, NAME_bf16, NAME_f16 for a templated
 // device function NAME<P>(ts, bs).

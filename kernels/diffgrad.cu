@@ -12,24 +12,20 @@ __device__ void diffgrad(const TensorEntry* __restrict__ ts, const BlockEntry* _
   const M wd = (M)w[0], b1 = (M)w[1], ob1 = (M)(1.0 - w[1]), b2 = (M)w[2], ob2 = (M)(1.0 - w[2]);
   const M eps = (M)w[3], neg_ss = (M)(-w[4]), gs = (M)w[5];
   const bool coupled = w[0] != 0.0;
-  P* __restrict__ p = (P*)t.p;
-  const P* __restrict__ g = (const P*)t.g;
-  M* __restrict__ m = (M*)t.s[0];
-  M* __restrict__ v = (M*)t.s[1];
-  M* __restrict__ gp = (M*)t.s[2];
-  CO_LOOP(t, i) {
-    const M pi = Elem<P>::load(p[i]);
-    M gi = Elem<P>::load(g[i]) * gs;
+  // s[0] m, s[1] v, s[2] previous gradient
+  co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {
+    const M pi = p;
+    M gi = g * gs;
     if (coupled) gi = gi + wd * pi;
-    const M mi = m[i] * b1 + ob1 * gi;
-    const M vi = v[i] * b2 + ob2 * gi * gi;
+    const M mi = s[0] * b1 + ob1 * gi;
+    const M vi = s[1] * b2 + ob2 * gi * gi;
     const M denom = sqrt(vi) + eps;
-    const M dfc = M(1) / (M(1) + exp(-fabs(gp[i] - gi)));
-    m[i] = mi;
-    v[i] = vi;
-    gp[i] = gi;
-    p[i] = Elem<P>::store(pi + neg_ss * ((mi * dfc) / denom));
-  }
+    const M dfc = M(1) / (M(1) + exp(-fabs(s[2] - gi)));
+    s[0] = mi;
+    s[1] = vi;
+    s[2] = gi;
+    p = pi + neg_ss * ((mi * dfc) / denom);
+  });
 }
 
 CO_ENTRY_POINTS(diffgrad)

@@ -9,16 +9,13 @@ __device__ void lion(const TensorEntry* __restrict__ ts, const BlockEntry* __res
   const double* w = t.w;
   const M decay = (M)w[0], neg_lr = (M)(-w[1]), b1 = (M)w[2], ob1 = (M)(1.0 - w[2]);
   const M b2 = (M)w[3], ob2 = (M)(1.0 - w[3]), gs = (M)w[4];
-  P* __restrict__ p = (P*)t.p;
-  const P* __restrict__ g = (const P*)t.g;
-  M* __restrict__ m = (M*)t.s[0];
-  CO_LOOP(t, i) {
-    const M gi = Elem<P>::load(g[i]) * gs;
-    const M mi = m[i];
+  co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {
+    const M gi = g * gs;
+    const M mi = s[0];
     const M c = mi * b1 + gi * ob1;  // from the old momentum
-    p[i] = Elem<P>::store(Elem<P>::load(p[i]) * decay + neg_lr * sign0(c));
-    m[i] = mi * b2 + ob2 * gi;
-  }
+    p = p * decay + neg_lr * sign0(c);
+    s[0] = mi * b2 + ob2 * gi;
+  });
 }
 
 CO_ENTRY_POINTS(lion)

@@ -12,18 +12,15 @@ __device__ void sgd_sai(const TensorEntry* __restrict__ ts, const BlockEntry* __
   const double* w = t.w;
   const M decay = (M)w[0], neg_s = (M)(-w[1]), mu = (M)w[2], omu = (M)w[3], gs = (M)w[5];
   const bool first = w[4] != 0.0, has_buf = t.s[0] != 0;
-  P* __restrict__ p = (P*)t.p;
-  const P* __restrict__ g = (const P*)t.g;
-  M* __restrict__ buf = (M*)t.s[0];
-  CO_LOOP(t, i) {
-    const M gi = Elem<P>::load(g[i]) * gs;
+  co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {
+    const M gi = g * gs;
     M b = gi;
     if (has_buf) {
-      if (!first) b = buf[i] * mu + omu * gi;
-      buf[i] = b;
+      if (!first) b = s[0] * mu + omu * gi;
+      s[0] = b;
     }
-    p[i] = Elem<P>::store(Elem<P>::load(p[i]) * decay + neg_s * b);
-  }
+    p = p * decay + neg_s * b;
+  });
 }
 
 CO_ENTRY_POINTS(sgd_sai)
