@@ -42,7 +42,7 @@ fn gpt2_small_shapes() -> Vec<(String, Vec<usize>)> {
 }
 
 /// Bytes one fused f32 step must move per element (ALGORITHMS.md §8); AdamP's rank ≥ 2
-/// tensors take a second pass (40 B), its vectors 28 B.
+/// tensors take a second pass (44 B in all, as `step_traffic_bytes` counts), its vectors 28 B.
 fn bytes_per_step(algo: Algo, shapes: &[(String, Vec<usize>)]) -> u64 {
     shapes
         .iter()
@@ -51,7 +51,7 @@ fn bytes_per_step(algo: Algo, shapes: &[(String, Vec<usize>)]) -> u64 {
             let b = match algo {
                 Algo::SgdSai | Algo::Lion => 20,
                 Algo::AdamW | Algo::AdaBelief => 28,
-                Algo::AdamP if s.len() >= 2 => 40,
+                Algo::AdamP if s.len() >= 2 => 44,
                 Algo::AdamP => 28,
                 Algo::DiffGrad => 36,
                 Algo::Adan => 44,

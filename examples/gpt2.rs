@@ -145,8 +145,14 @@ struct Args {
 /// Peak learning rates that train the tiny preset well with each optimizer, from 100-step sweeps
 /// on the bundled corpus (validation loss): SGD-SaI 1e-3 / 3e-3 / 5e-3 / 1e-2: 6.340 / 6.275 /
 /// 6.330 / 6.483; AdamW 1e-3 / 3e-3: 6.185 / 6.229; Lion 1e-4 / 3e-4 / 1e-3: 8.247 / 7.024 /
-/// 6.128; Adan 3e-3: 6.242 (see examples/results/README.md). Larger models want smaller rates.
-fn default_lr(algo: Algo) -> f64 {
+/// 6.128; Adan 3e-3: 6.242 (see examples/results/README.md). Larger models want smaller rates:
+/// on the 124M `gpt2-small` preset SGD-SaI at 3e-3 diverged in its first steps (train loss
+/// 11.0 → 14.5 by step 4 on CPU, → 27 by step 28 on an H200); at 1e-3 it spiked in a 100-step
+/// run with a 5-step warmup and recovered (examples/results/h200/), so that preset takes 1e-3.
+fn default_lr(algo: Algo, preset: Preset) -> f64 {
+    if preset == Preset::Gpt2Small && algo == Algo::SgdSai {
+        return 1e-3;
+    }
     match algo {
         Algo::SgdSai => 3e-3,
         Algo::AdamW | Algo::AdamP | Algo::AdaBelief | Algo::DiffGrad => 1e-3,
@@ -319,7 +325,7 @@ fn run_one<'a>(
     resume: Option<PathBuf>,
 ) -> Result<(train::Outcome, LmTask<'a>)> {
     let (mut varmap, model) = build(setup.cfg, args.seed, dev)?;
-    let lr = args.lr.unwrap_or_else(|| default_lr(algo));
+    let lr = args.lr.unwrap_or_else(|| default_lr(algo, args.preset));
     let mut opt = common::make_optimizer(algo, &varmap, lr, args.weight_decay)?;
     opt.set_max_grad_norm(Some(1.0))?;
     let mut task = LmTask {
@@ -446,7 +452,7 @@ fn run(args: Args) -> Result<()> {
             println!(
                 "Optimizer: {} (lr {:.1e}, weight decay {}, warmup + cosine schedule, clipping at 1).",
                 algo.name(),
-                args.lr.unwrap_or_else(|| default_lr(algo)),
+                args.lr.unwrap_or_else(|| default_lr(algo, args.preset)),
                 args.weight_decay * if algo == Algo::Lion { 10.0 } else { 1.0 }
             );
             let (_, task) = run_one(
@@ -478,12 +484,18 @@ fn run(args: Args) -> Result<()> {
                 outcomes.push(run_one(&args, &setup, algo, &dev, save, None)?.0);
             }
             let title = format!(
-                "GPT-2 {:?} preset ({} layers, width {}, context {}) on {}: {} steps of {}×{} tokens, seed {}",
-                args.preset,
+                "GPT-2 {} ({} layers × {}, context {}), {}: {} steps × {}×{} tokens, seed {}",
+                args.preset
+                    .to_possible_value()
+                    .map_or("custom".into(), |v| v.get_name().to_string()),
                 n_layer,
                 n_embd,
                 setup.ctx,
-                if args.text.is_some() { "--text" } else { "the bundled corpus" },
+                if args.text.is_some() {
+                    "--text"
+                } else {
+                    "bundled corpus"
+                },
                 setup.steps,
                 setup.batch,
                 setup.ctx,

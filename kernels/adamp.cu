@@ -237,7 +237,7 @@ __device__ void adamp_pass2(const TensorEntry* __restrict__ ts, const BlockEntry
       u = u - (pi * linv) * lcoef;
     }
     p = pi * decay + c.neg_ss * u;
-  });
+  }, c.nesterov);  // u needs the gradient only with Nesterov
 }
 
 // Rank < 2: the plain Adam step with AdamP's decay (never projected).

@@ -128,12 +128,13 @@ template <typename M> __device__ __forceinline__ M max_nan(M a, M b) {
 // The element loop of a block's chunk [co_b.chunk * CO_CHUNK, ...) of tensor t, for kernels
 // written as a per-element `op(i, p, g, s)`: p (in/out) and g in the math type, s[k] the
 // tensor's state slot k (present where t.s[k] != 0; slots are M). p is always written back;
-// slots too when STORE_SLOTS. Where every pointer allows it, each thread moves four
+// slots too when STORE_SLOTS. With load_g false the gradient is not read (g is 0). Where every pointer allows it, each thread moves four
 // consecutive elements per access (float4 for state): a memory-bound step needs few, wide
 // accesses in flight to reach the bandwidth. The rest runs one element at a time. The
 // arithmetic is the same on both paths, so results do not depend on alignment.
 template <typename P, bool STORE_SLOTS, typename Op>
-__device__ __forceinline__ void co_apply(const TensorEntry& t, const BlockEntry& b, Op op) {
+__device__ __forceinline__ void co_apply(const TensorEntry& t, const BlockEntry& b, Op op,
+                                         bool load_g = true) {
   typedef typename Elem<P>::M M;
   const unsigned long long start = (unsigned long long)b.chunk * CO_CHUNK;
   const unsigned long long end = min(start + (unsigned long long)CO_CHUNK, t.n);
@@ -154,9 +155,9 @@ __device__ __forceinline__ void co_apply(const TensorEntry& t, const BlockEntry&
 #pragma unroll 2
     for (unsigned long long j = threadIdx.x; j < nv; j += blockDim.x) {
       const unsigned long long i = start + 4 * j;
-      M pv[4], gv[4], sv[CO_MAX_SLOTS][4] = {};
+      M pv[4], gv[4] = {}, sv[CO_MAX_SLOTS][4] = {};
       Elem<P>::load4(p + i, pv);
-      Elem<P>::load4(g + i, gv);
+      if (load_g) Elem<P>::load4(g + i, gv);
 #pragma unroll
       for (int k = 0; k < CO_MAX_SLOTS; ++k)
         if (has[k]) Elem<M>::load4(s[k] + i, sv[k]);
@@ -184,7 +185,7 @@ __device__ __forceinline__ void co_apply(const TensorEntry& t, const BlockEntry&
 #pragma unroll
     for (int k = 0; k < CO_MAX_SLOTS; ++k)
       if (has[k]) sl[k] = s[k][i];
-    op(i, pl, Elem<P>::load(g[i]), sl);
+    op(i, pl, load_g ? Elem<P>::load(g[i]) : M(0), sl);
     p[i] = Elem<P>::store(pl);
     if (STORE_SLOTS) {
 #pragma unroll

@@ -672,8 +672,9 @@ impl Algorithm for AdamPConfig {
         &["exp_avg", "exp_avg_sq"]
     }
 
-    /// Rank ≥ 2: pass 1 reads p, g, m, v and writes m, v; pass 2 reads p, m, v (and g with
-    /// Nesterov) and writes p: 40 B per f32 element (44 with Nesterov). Vectors: one pass, 28 B.
+    /// Rank ≥ 2: pass 1 reads p, g, m, v and writes m, v (28 B per f32 element); pass 2 reads
+    /// p, m, v (and g with Nesterov) and writes p (16 B, 20 with Nesterov): 44 B in all (48).
+    /// Vectors: one pass, 28 B.
     fn traffic_bytes(&self, numel: usize, rank: usize, pb: usize) -> usize {
         let one_pass = numel * (3 * pb + 16);
         if rank < 2 {
