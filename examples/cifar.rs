@@ -553,13 +553,11 @@ fn main() {
 fn run(args: Args) -> Result<()> {
     common::set_threads(args.threads);
     let dev = common::device(&args.device)?;
-    let algos = match &args.compare {
-        None => vec![common::parse_algo(&args.optimizer)?],
-        Some(spec) => common::parse_algos(spec)?,
-    };
-    if args.compare.is_some() && args.resume.is_some() {
-        return Err("--resume works with a single --optimizer, not --compare".into());
-    }
+    let algos = common::select_algos(
+        &args.optimizer,
+        args.compare.as_deref(),
+        args.resume.is_some(),
+    )?;
     let data = load_data(args.data_dir.as_ref())?;
     if args.steps == 0 || args.batch == 0 {
         return Err("--steps and --batch must be at least 1".into());

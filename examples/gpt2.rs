@@ -369,13 +369,11 @@ fn main() {
 fn run(args: Args) -> Result<()> {
     common::set_threads(args.threads);
     let dev = common::device(&args.device)?;
-    let algos = match &args.compare {
-        None => vec![common::parse_algo(&args.optimizer)?],
-        Some(spec) => common::parse_algos(spec)?,
-    };
-    if args.compare.is_some() && args.resume.is_some() {
-        return Err("--resume works with a single --optimizer, not --compare".into());
-    }
+    let algos = common::select_algos(
+        &args.optimizer,
+        args.compare.as_deref(),
+        args.resume.is_some(),
+    )?;
     let (n_layer, n_head, n_embd, n_ctx, batch, steps, full) = args.preset.shape();
     let n_ctx_used = args.context.unwrap_or(n_ctx);
     if n_ctx_used == 0 || n_ctx_used > n_ctx {

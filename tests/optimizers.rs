@@ -230,16 +230,7 @@ fn run(e: &Entry, dtype: DType, steps: u64, shapes: &[&[usize]]) -> Vec<Vec<f64>
     for s in 0..steps {
         opt.step(&grads_for(&vars, 10 + s, dtype)).unwrap();
     }
-    vars.iter()
-        .map(|(_, v)| {
-            v.flatten_all()
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        })
-        .collect()
+    param_values(&vars)
 }
 
 fn max_rel_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {

@@ -41,19 +41,6 @@ fn grads(vars: &[(String, Var)], seed: u64, scale: f64) -> GradStore {
     g
 }
 
-fn values(vars: &[(String, Var)]) -> Vec<Vec<f64>> {
-    vars.iter()
-        .map(|(_, v)| {
-            v.flatten_all()
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        })
-        .collect()
-}
-
 fn with(e: &Entry, extra: serde_json::Value) -> serde_json::Value {
     let mut h = e.hyper.clone();
     for (k, v) in extra.as_object().unwrap() {
@@ -69,13 +56,13 @@ proptest! {
     fn zero_lr_and_decay_leave_params_unchanged(shapes in shapes(), seed in 0u64..1000, scale in 1e-3f64..10.0) {
         for e in table() {
             let vars = vars_of(&shapes, seed, DType::F32);
-            let before = values(&vars);
+            let before = param_values(&vars);
             let hyper = with(&e, serde_json::json!({"lr": 0.0, "weight_decay": 0.0}));
             let mut opt = e.algo.build_json(vars.clone(), &hyper).unwrap();
             for s in 0..4 {
                 opt.step(&grads(&vars, seed + s, scale)).unwrap();
             }
-            prop_assert_eq!(values(&vars), before, "{}", e.label);
+            prop_assert_eq!(param_values(&vars), before, "{}", e.label);
         }
     }
 
@@ -90,7 +77,7 @@ proptest! {
                 o32.step(&grads(&v32, seed + s, 1.0)).unwrap();
                 o64.step(&grads(&v64, seed + s, 1.0)).unwrap();
             }
-            let (a, b) = (values(&v32), values(&v64));
+            let (a, b) = (param_values(&v32), param_values(&v64));
             for (x, y) in a.iter().zip(&b) {
                 let scale = y.iter().fold(1f64, |m, v| m.max(v.abs()));
                 for (p, q) in x.iter().zip(y) {
@@ -126,7 +113,7 @@ proptest! {
                 a.step(&grads(&one, seed + s, 1.0)).unwrap();
                 b.step(&grads(&many, seed + s, 1.0)).unwrap();
             }
-            prop_assert_eq!(values(&one), values(&many), "{}", e.label);
+            prop_assert_eq!(param_values(&one), param_values(&many), "{}", e.label);
         }
     }
 

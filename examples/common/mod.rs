@@ -224,6 +224,21 @@ pub fn parse_algo(name: &str) -> std::result::Result<Algo, String> {
     }
 }
 
+/// The optimizers a run trains: `--optimizer`, or every one `--compare` names (which cannot be
+/// combined with `--resume`).
+pub fn select_algos(optimizer: &str, compare: Option<&str>, resume: bool) -> Result<Vec<Algo>> {
+    match compare {
+        None => Ok(vec![parse_algo(optimizer)?]),
+        Some(spec) => {
+            let algos = parse_algos(spec)?;
+            if resume {
+                return Err("--resume works with a single --optimizer, not --compare".into());
+            }
+            Ok(algos)
+        }
+    }
+}
+
 /// Total number of elements of the trainable (non-running-statistics) variables.
 pub fn count_params(varmap: &VarMap) -> usize {
     let data = varmap.data().lock().expect("varmap lock");

@@ -162,6 +162,20 @@ pub fn tensor(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
         .expect("tensor")
 }
 
+/// Every parameter's values, flattened, in f64.
+pub fn param_values(vars: &[(String, Var)]) -> Vec<Vec<f64>> {
+    vars.iter()
+        .map(|(_, v)| {
+            v.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect()
+}
+
 pub fn named_vars(shapes: &[&[usize]], dtype: DType) -> Vec<(String, Var)> {
     shapes
         .iter()
