@@ -1,6 +1,7 @@
 //! The GPU check (issue: fused CUDA kernels): on a machine with an NVIDIA GPU, replays every
 //! golden trace on CUDA (same tolerances; each case's final optimizer state is also compared
-//! with the CPU path's), then benchmarks every optimizer's step on the GPT-2-small (124.4M)
+//! with the CPU path's), checks all seven against the CPU on a tensor whose launches are split
+//! into several parts, then benchmarks every optimizer's step on the GPT-2-small (124.4M)
 //! and GPT-2-XL (1.56B) parameter shapes: ms/step, GB/s from the bytes the step must move, %
 //! of a device-to-device copy measured in the same run, and — with `--torch PYTHON` —
 //! `torch.optim.AdamW(fused=True)` on the same shapes through that python.
@@ -236,6 +237,10 @@ fn main() {
         println!("{sline}");
         ok &= f == 0;
         md += &format!("{line}\n\n{sline}\n\n");
+        let (big_ok, bline) = large_launch_check(&dev);
+        println!("{bline}");
+        ok &= big_ok;
+        md += &format!("{bline}\n\n");
         report["conformance"] =
             serde_json::json!({"passed": p, "failed": f, "skipped": s, "state_worst": worst});
     }
@@ -329,6 +334,78 @@ fn main() {
     std::fs::write(args.out.join("results.md"), md).expect("write");
     println!("\nwrote {}", args.out.join("results.md").display());
     std::process::exit(if ok { 0 } else { 1 });
+}
+
+/// Every optimizer on a tensor large enough that its launches are split into several parts
+/// (more blocks than one block-table upload carries), plus small tensors in the same launches:
+/// three steps on CUDA and on the CPU from the same values, then params and state compared
+/// as in the conformance replay (|a − b| ≤ 1e-5·(|b| + max|b|)).
+fn large_launch_check(dev: &Device) -> (bool, String) {
+    // 7000 × 16384 elements: 7000 chunk blocks, 112,000 AdamP row segments (14,000 blocks).
+    let shapes: [&[usize]; 3] = [&[7000, 16384], &[300], &[4097, 33]];
+    let run = || -> candle_optim::Result<(bool, f64)> {
+        let mut cpu = Vec::new();
+        let mut gpu = Vec::new();
+        let (mut gc, mut gg) = (GradStore::default(), GradStore::default());
+        for (i, s) in shapes.iter().enumerate() {
+            let p = Tensor::randn(0f32, 0.02, *s, &Device::Cpu)?;
+            let g = Tensor::randn(0f32, 1e-3, *s, &Device::Cpu)?;
+            let (vc, vg) = (Var::from_tensor(&p)?, Var::from_tensor(&p.to_device(dev)?)?);
+            gc.insert(vc.as_tensor(), g.clone());
+            gg.insert(vg.as_tensor(), g.to_device(dev)?);
+            cpu.push((format!("p{i}"), vc));
+            gpu.push((format!("p{i}"), vg));
+        }
+        let (mut ok, mut worst) = (true, 0f64);
+        for &algo in Algo::ALL {
+            let hyper = serde_json::json!({"lr": 1e-3, "weight_decay": 0.01});
+            let mut oc = algo.build_json(cpu.clone(), &hyper)?;
+            let mut og = algo.build_json(gpu.clone(), &hyper)?;
+            for _ in 0..3 {
+                oc.step(&gc)?;
+                og.step(&gg)?;
+            }
+            for ((name, vc), (_, vg)) in cpu.iter().zip(&gpu) {
+                let sc = oc.param_state(name).expect("state");
+                let sg = og.param_state(name).expect("state");
+                let mut pairs = vec![(vc.as_tensor().clone(), vg.as_tensor().clone())];
+                pairs.extend(
+                    sc.slots
+                        .iter()
+                        .zip(&sg.slots)
+                        .map(|(a, b)| (a.1.clone(), b.1.clone())),
+                );
+                for (c, g) in pairs {
+                    let c = c.flatten_all()?.to_vec1::<f32>()?;
+                    let g = g.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+                    let scale = c.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+                    for (a, b) in g.iter().zip(&c) {
+                        let e = (*a as f64 - *b as f64).abs()
+                            / (1e-5 * ((*b as f64).abs() + scale) + 1e-30);
+                        if e.is_nan() || e > 1.0 {
+                            ok = false;
+                        }
+                        worst = worst.max(if e.is_nan() { f64::INFINITY } else { e });
+                    }
+                }
+            }
+            println!(
+                "large launches: {} done (worst so far {worst:.3})",
+                algo.name()
+            );
+        }
+        Ok((ok, worst))
+    };
+    match run() {
+        Ok((ok, worst)) => (
+            ok,
+            format!(
+                "large launches (split block tables), all seven, CUDA vs CPU: {} (worst {worst:.3} of 1e-5 relative)",
+                if ok { "equal" } else { "DIFFER" }
+            ),
+        ),
+        Err(e) => (false, format!("large launches: failed: {e}")),
+    }
 }
 
 fn bench_set(

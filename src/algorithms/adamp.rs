@@ -712,7 +712,7 @@ mod cuda {
     use super::AdamPKernel;
     use crate::backend::cuda::{
         block_table, cuda_device, dtype_suffix, function, grid, launch_elementwise, launches,
-        upload_table, with_entries, CHUNK, THREADS,
+        upload_blocks, upload_table, with_entries, CHUNK, THREADS,
     };
     use crate::backend::Work;
     use crate::error::{Error, Result};
@@ -765,9 +765,9 @@ mod cuda {
                     off += r;
                 }
                 let table = upload_table(&stream, entries)?;
-                let seg_d = stream.clone_htod(&seg_blocks).w()?;
-                let row_d = stream.clone_htod(&row_blocks).w()?;
-                let chunk_d = stream.clone_htod(&chunk_blocks).w()?;
+                let seg_d = upload_blocks(&stream, &seg_blocks)?;
+                let row_d = upload_blocks(&stream, &row_blocks)?;
+                let chunk_d = upload_blocks(&stream, &chunk_blocks)?;
                 let t = entries.len();
                 let mut sums = stream.alloc_zeros::<f64>(3 * total_rows as usize).w()?;
                 let mut mode = stream.alloc_zeros::<f64>(4 * t).w()?;
@@ -777,27 +777,36 @@ mod cuda {
                 // table's pointers stay held until the launches are enqueued; `sums`, `mode`,
                 // `pu` and `coef` hold 3, 4 (per tensor), 1 and 2 doubles per row, indexed by
                 // the rows' offsets set above; each block table only names blocks within its
-                // tensor's segments, rows or chunks.
-                let mut b = stream.launch_builder(&pass1);
-                b.arg(&table).arg(&seg_d).arg(&mut sums);
-                unsafe { b.launch(grid(seg_blocks.len() / 2)) }.w()?;
+                // tensor's segments, rows or chunks (in parts: kernels index rows and tensors
+                // through the tables, `decide` alone by block, one per tensor).
+                for (seg, nb) in &seg_d {
+                    let mut b = stream.launch_builder(&pass1);
+                    b.arg(&table).arg(seg).arg(&mut sums);
+                    unsafe { b.launch(grid(*nb)) }.w()?;
+                }
                 let mut b = stream.launch_builder(&decide);
                 b.arg(&table).arg(&sums).arg(&mut mode);
                 unsafe { b.launch(grid(t)) }.w()?;
-                let mut b = stream.launch_builder(&pu_k);
-                b.arg(&table).arg(&seg_d).arg(&mode).arg(&mut pu);
-                unsafe { b.launch(grid(seg_blocks.len() / 2)) }.w()?;
-                let mut b = stream.launch_builder(&coef_k);
-                b.arg(&table)
-                    .arg(&row_d)
-                    .arg(&sums)
-                    .arg(&mode)
-                    .arg(&pu)
-                    .arg(&mut coef);
-                unsafe { b.launch(grid(row_blocks.len() / 2)) }.w()?;
-                let mut b = stream.launch_builder(&pass2);
-                b.arg(&table).arg(&chunk_d).arg(&mode).arg(&coef);
-                unsafe { b.launch(grid(chunk_blocks.len() / 2)) }.w()?;
+                for (seg, nb) in &seg_d {
+                    let mut b = stream.launch_builder(&pu_k);
+                    b.arg(&table).arg(seg).arg(&mode).arg(&mut pu);
+                    unsafe { b.launch(grid(*nb)) }.w()?;
+                }
+                for (row, nb) in &row_d {
+                    let mut b = stream.launch_builder(&coef_k);
+                    b.arg(&table)
+                        .arg(row)
+                        .arg(&sums)
+                        .arg(&mode)
+                        .arg(&pu)
+                        .arg(&mut coef);
+                    unsafe { b.launch(grid(*nb)) }.w()?;
+                }
+                for (chunk, nb) in &chunk_d {
+                    let mut b = stream.launch_builder(&pass2);
+                    b.arg(&table).arg(chunk).arg(&mode).arg(&coef);
+                    unsafe { b.launch(grid(*nb)) }.w()?;
+                }
                 Ok(())
             })?;
         }
