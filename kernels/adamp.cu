@@ -58,6 +58,46 @@ __device__ __forceinline__ Segment segment_of(const TensorEntry& t, unsigned int
   return s;
 }
 
+// Runs op(p, g, m, v) (math-type values; m and v by reference) over the elements of a warp's
+// segment, four per access where aligned (as in co_apply), the rest one at a time. m and v are
+// written back when WRITE_MV; g is read only when READ_G (zero otherwise).
+template <typename P, bool WRITE_MV, bool READ_G, typename Op>
+__device__ __forceinline__ void seg_apply(const TensorEntry& t, const Segment& s, Op op) {
+  typedef typename Elem<P>::M M;
+  const P* __restrict__ p = (const P*)t.p;
+  const P* __restrict__ g = (const P*)t.g;
+  M* __restrict__ m = (M*)t.s[0];
+  M* __restrict__ v = (M*)t.s[1];
+  const unsigned long long lane = threadIdx.x & 31;
+  unsigned long long rest = s.a;
+  if (vec_ok<P>(t, s.a)) {
+    const unsigned long long nv = (s.b - s.a) / 4;
+    for (unsigned long long j = lane; j < nv; j += 32) {
+      const unsigned long long i = s.a + 4 * j;
+      M pv[4], gv[4] = {M(0), M(0), M(0), M(0)}, mv[4], vv[4];
+      Elem<P>::load4(p + i, pv);
+      if (READ_G) Elem<P>::load4(g + i, gv);
+      Elem<M>::load4(m + i, mv);
+      Elem<M>::load4(v + i, vv);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) op(pv[l], gv[l], mv[l], vv[l]);
+      if (WRITE_MV) {
+        Elem<M>::store4(m + i, mv);
+        Elem<M>::store4(v + i, vv);
+      }
+    }
+    rest = s.a + 4 * nv;
+  }
+  for (unsigned long long i = rest + lane; i < s.b; i += 32) {
+    M mi = m[i], vi = v[i];
+    op(Elem<P>::load(p[i]), READ_G ? Elem<P>::load(g[i]) : M(0), mi, vi);
+    if (WRITE_MV) {
+      m[i] = mi;
+      v[i] = vi;
+    }
+  }
+}
+
 template <typename P>
 __device__ void adamp_pass1(const TensorEntry* __restrict__ ts, const BlockEntry* __restrict__ bs,
                             double* __restrict__ rows) {
@@ -67,48 +107,16 @@ __device__ void adamp_pass1(const TensorEntry* __restrict__ ts, const BlockEntry
   const AdamPScalars<M> c(t.w);
   const Segment s = segment_of(t, blk.chunk);
   if (!s.valid) return;
-  const P* __restrict__ p = (const P*)t.p;
-  const P* __restrict__ g = (const P*)t.g;
-  M* __restrict__ m = (M*)t.s[0];
-  M* __restrict__ v = (M*)t.s[1];
   double gp = 0.0, gg = 0.0, pp = 0.0;
-  const unsigned long long lane = threadIdx.x & 31;
-  unsigned long long rest = s.a;
-  if (vec_ok<P>(t, s.a)) {  // four elements per access, as in co_apply
-    const unsigned long long nv = (s.b - s.a) / 4;
-    for (unsigned long long j = lane; j < nv; j += 32) {
-      const unsigned long long i = s.a + 4 * j;
-      M pv[4], gv[4], mv[4], vv[4];
-      Elem<P>::load4(p + i, pv);
-      Elem<P>::load4(g + i, gv);
-      Elem<M>::load4(m + i, mv);
-      Elem<M>::load4(v + i, vv);
-#pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        const M gi = gv[l] * c.gs;
-        mv[l] = mv[l] * c.b1 + c.ob1 * gi;
-        vv[l] = vv[l] * c.b2 + c.ob2 * gi * gi;
-        const double gf = (double)gi, pf = (double)pv[l];
-        gp += gf * pf;
-        gg += gf * gf;
-        pp += pf * pf;
-      }
-      Elem<M>::store4(m + i, mv);
-      Elem<M>::store4(v + i, vv);
-    }
-    rest = s.a + 4 * nv;
-  }
-  for (unsigned long long i = rest + lane; i < s.b; i += 32) {
-    const M gi = Elem<P>::load(g[i]) * c.gs;
-    const M mi = m[i] * c.b1 + c.ob1 * gi;
-    const M vi = v[i] * c.b2 + c.ob2 * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    const double gf = (double)gi, pf = (double)Elem<P>::load(p[i]);
+  seg_apply<P, true, true>(t, s, [&](M pi, M g, M& mi, M& vi) {
+    const M gi = g * c.gs;
+    mi = mi * c.b1 + c.ob1 * gi;
+    vi = vi * c.b2 + c.ob2 * gi * gi;
+    const double gf = (double)gi, pf = (double)pi;
     gp += gf * pf;
     gg += gf * gf;
     pp += pf * pf;
-  }
+  });
   gp = warp_sum(gp);
   gg = warp_sum(gg);
   pp = warp_sum(pp);
@@ -169,30 +177,13 @@ __device__ void adamp_pu(const TensorEntry* __restrict__ ts, const BlockEntry* _
   const AdamPScalars<M> c(t.w);
   const Segment s = segment_of(t, blk.chunk);
   if (!s.valid) return;
-  const P* __restrict__ p = (const P*)t.p;
-  const P* __restrict__ g = (const P*)t.g;
-  const M* __restrict__ m = (const M*)t.s[0];
-  const M* __restrict__ v = (const M*)t.s[1];
   double acc = 0.0;
-  const unsigned long long lane = threadIdx.x & 31;
-  unsigned long long rest = s.a;
-  if (vec_ok<P>(t, s.a)) {
-    const unsigned long long nv = (s.b - s.a) / 4;
-    for (unsigned long long j = lane; j < nv; j += 32) {
-      const unsigned long long i = s.a + 4 * j;
-      M pv[4], gv[4], mv[4], vv[4];
-      Elem<P>::load4(p + i, pv);
-      Elem<P>::load4(g + i, gv);
-      Elem<M>::load4(m + i, mv);
-      Elem<M>::load4(v + i, vv);
-#pragma unroll
-      for (int l = 0; l < 4; ++l) acc += (double)pv[l] * (double)c.u(mv[l], vv[l], gv[l] * c.gs);
-    }
-    rest = s.a + 4 * nv;
-  }
-  for (unsigned long long i = rest + lane; i < s.b; i += 32) {
-    const M u = c.u(m[i], v[i], Elem<P>::load(g[i]) * c.gs);
-    acc += (double)Elem<P>::load(p[i]) * (double)u;
+  auto op = [&](M pi, M g, M& mi, M& vi) { acc += (double)pi * (double)c.u(mi, vi, g * c.gs); };
+  // u needs the gradient only with Nesterov.
+  if (c.nesterov) {
+    seg_apply<P, false, true>(t, s, op);
+  } else {
+    seg_apply<P, false, false>(t, s, op);
   }
   acc = warp_sum(acc);
   if ((threadIdx.x & 31) == 0) atomicAdd(pu + t.off + (md == 1.0 ? s.r : 0), acc);
