@@ -4,7 +4,7 @@
 // 9 grad scale.
 //
 // Tensors of rank >= 2 (t.rows rows of t.row_len elements; their rows start at t.off in the
-// row buffers) take four launches:
+// row buffers) take five launches:
 //   adamp_pass1: update m, v; per-row g·p, g·g, p·p into rows[3*(off+r) + 0..3]
 //                (one warp per segment of ADAMP_SEG elements of a row, atomics per segment);
 //   adamp_decide: per tensor, the reference's projection test (channel view, then layer
