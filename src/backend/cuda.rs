@@ -112,8 +112,9 @@ pub(crate) fn block_table(n: &[u64], chunk: u64) -> (Vec<u32>, Vec<u32>) {
 pub(crate) const MAX_BLOCKS: usize = 6144;
 
 /// `blocks` (pairs, see [`block_table`]) uploaded in parts of at most [`MAX_BLOCKS`] blocks,
-/// each with its number of blocks. Kernels find their work through the table, never through
-/// `blockIdx` alone, so a table may be split anywhere.
+/// each with its number of blocks. For the update kernels only: they find their work through
+/// the table, never through `blockIdx` alone, so their tables may be split anywhere (the
+/// reductions index per-block outputs by `blockIdx` and keep one launch per table).
 pub(crate) fn upload_blocks(
     stream: &Arc<CudaStream>,
     blocks: &[u32],
