@@ -12,7 +12,8 @@
 //! triad measured in the same run with the same threads. With `--torch`, `scripts/bench_torch.py`
 //! runs `torch.optim.AdamW` (fused, foreach, for-loop) and `torch.optim.SGD(momentum=0.9)` on
 //! the same shapes and threads in its own process, its blocks of steps interleaved with ours in
-//! every round, and its rows join the table.
+//! every round (after ours in even rounds, before them in odd ones), and its rows join the
+//! table.
 
 mod common;
 
@@ -303,7 +304,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 // sees them), and the rounds rotate through all of them.
                 let block = args.block.max(1);
                 let rounds = args.steps.div_ceil(block);
-                for _ in 0..rounds {
+                for round in 0..rounds {
+                    // torch's blocks go last in even rounds and first in odd ones, so neither
+                    // side always follows the same neighbour.
+                    let mut torch_blocks = |torch: &mut Option<TorchServer>| {
+                        if let Some(t) = torch {
+                            for (k, ms) in torch_times.iter_mut().enumerate() {
+                                match t.block(k, block) {
+                                    Ok(v) => ms.extend(v),
+                                    Err(e) => eprintln!("torch: {e}"),
+                                }
+                            }
+                        }
+                    };
+                    if round % 2 == 1 {
+                        torch_blocks(&mut torch);
+                    }
                     let mut run = |k: usize, f: &mut dyn FnMut()| {
                         f();
                         for _ in 0..block {
@@ -332,13 +348,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         use candle_nn::optim::Optimizer as _;
                         run(2 + opts.len(), &mut || cn.step(&grads).unwrap());
                     }
-                    if let Some(t) = &mut torch {
-                        for (k, ms) in torch_times.iter_mut().enumerate() {
-                            match t.block(k, block) {
-                                Ok(v) => ms.extend(v),
-                                Err(e) => eprintln!("torch: {e}"),
-                            }
-                        }
+                    if round % 2 == 0 {
+                        torch_blocks(&mut torch);
                     }
                 }
             });
