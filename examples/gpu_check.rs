@@ -215,21 +215,14 @@ fn main() {
             let mut shown = 0;
             for (gp, cp) in g.iter().zip(c) {
                 for (gs, cs) in gp.iter().zip(cp) {
-                    let scale = cs.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
-                    for (a, b) in gs.iter().zip(cs) {
-                        let e = (*a as f64 - *b as f64).abs()
-                            / (1e-5 * ((*b as f64).abs() + scale) + 1e-30);
-                        if e.is_nan() || e > 1.0 {
-                            if shown < 3 {
-                                println!(
-                                    "state of {name} differs between CUDA and CPU ({a} vs {b})"
-                                );
-                            }
-                            shown += 1;
-                            ok = false;
+                    let w = compare(gs, cs, |a, b| {
+                        if shown < 3 {
+                            println!("state of {name} differs between CUDA and CPU ({a} vs {b})");
                         }
-                        worst = worst.max(if e.is_nan() { f64::INFINITY } else { e });
-                    }
+                        shown += 1;
+                    });
+                    ok &= w <= 1.0;
+                    worst = worst.max(w);
                 }
             }
         }
@@ -297,31 +290,20 @@ fn main() {
             );
         }
         for set in &args.sets {
-            let get = |n: &str| {
-                rows.iter()
-                    .find(|r| &r.set == set && r.name == n)
-                    .map(|r| r.ms_median)
-            };
-            if let (Some(a), Some(t)) = (get("adamw_fused"), get("torch_adamw_fused")) {
-                let line = format!(
-                    "{set}: AdamW is {:.2}x the speed of torch fused AdamW",
-                    t / a
-                );
-                println!("{line}");
-                md += &format!("\n{line}\n");
-            }
-            let sync = |n: &str| {
-                rows.iter()
-                    .find(|r| &r.set == set && r.name == n)
-                    .map(|r| r.ms_sync)
-            };
-            if let (Some(a), Some(t)) = (sync("adamw_fused"), sync("torch_adamw_fused")) {
-                let line = format!(
-                    "{set}: AdamW is {:.2}x the speed of torch fused AdamW, one synchronized step at a time",
-                    t / a
-                );
-                println!("{line}");
-                md += &format!("\n{line}\n");
+            let modes: [(RowTime, &str); 2] = [
+                (|r| r.ms_median, ""),
+                (|r| r.ms_sync, ", one synchronized step at a time"),
+            ];
+            for (ms, how) in modes {
+                let get = |n: &str| rows.iter().find(|r| &r.set == set && r.name == n).map(ms);
+                if let (Some(a), Some(t)) = (get("adamw_fused"), get("torch_adamw_fused")) {
+                    let line = format!(
+                        "{set}: AdamW is {:.2}x the speed of torch fused AdamW{how}",
+                        t / a
+                    );
+                    println!("{line}");
+                    md += &format!("\n{line}\n");
+                }
             }
         }
         report["bench"] = serde_json::to_value(&rows).unwrap();
@@ -334,6 +316,25 @@ fn main() {
     std::fs::write(args.out.join("results.md"), md).expect("write");
     println!("\nwrote {}", args.out.join("results.md").display());
     std::process::exit(if ok { 0 } else { 1 });
+}
+
+/// Which of a row's times a comparison reads.
+type RowTime = fn(&Row) -> f64;
+
+/// The worst elementwise error of `got` against `want`, in units of the tolerance
+/// |a − b| ≤ 1e-5·(|b| + max|b|) (infinite for NaN); `bad(a, b)` is called for each element
+/// out of tolerance.
+fn compare(got: &[f32], want: &[f32], mut bad: impl FnMut(f32, f32)) -> f64 {
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+    let mut worst = 0f64;
+    for (&a, &b) in got.iter().zip(want) {
+        let e = (a as f64 - b as f64).abs() / (1e-5 * ((b as f64).abs() + scale) + 1e-30);
+        if e.is_nan() || e > 1.0 {
+            bad(a, b);
+        }
+        worst = worst.max(if e.is_nan() { f64::INFINITY } else { e });
+    }
+    worst
 }
 
 /// Every optimizer on a tensor large enough that its launches are split into several parts
@@ -378,15 +379,9 @@ fn large_launch_check(dev: &Device) -> (bool, String) {
                 for (c, g) in pairs {
                     let c = c.flatten_all()?.to_vec1::<f32>()?;
                     let g = g.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-                    let scale = c.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
-                    for (a, b) in g.iter().zip(&c) {
-                        let e = (*a as f64 - *b as f64).abs()
-                            / (1e-5 * ((*b as f64).abs() + scale) + 1e-30);
-                        if e.is_nan() || e > 1.0 {
-                            ok = false;
-                        }
-                        worst = worst.max(if e.is_nan() { f64::INFINITY } else { e });
-                    }
+                    let w = compare(&g, &c, |_, _| {});
+                    ok &= w <= 1.0;
+                    worst = worst.max(w);
                 }
             }
             println!(
