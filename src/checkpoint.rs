@@ -362,7 +362,10 @@ impl<A: Algorithm> Optim<A> {
                             p.var.dims()
                         )));
                     }
-                    slots.push(view.load(p.var.device())?);
+                    slots.push(crate::backend::cpu::place_state(
+                        p.var.as_tensor(),
+                        view.load(p.var.device())?,
+                    )?);
                     used += 1;
                 }
                 group_slots.push(Some(slots));

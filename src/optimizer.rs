@@ -88,7 +88,8 @@ pub trait Optimizer: Send {
     fn set_learning_rate(&mut self, lr: f64) -> Result<()>;
     /// Steps taken (skipped steps do not count).
     fn step_count(&self) -> u64;
-    /// Bytes of optimizer state held now (state tensors plus per-parameter scalars).
+    /// Bytes of optimizer state held now (state tensors plus per-parameter scalars; not the
+    /// at most 64 bytes per CPU state tensor that place it on cache lines).
     fn state_bytes(&self) -> usize;
     /// Bytes a fused step over every parameter must move (reads and writes of parameters,
     /// gradients and state): the memory-traffic floor that benchmarks divide by the time.
@@ -664,7 +665,7 @@ impl<A: Algorithm> Optim<A> {
                 if has_grad && p.slots.as_ref().is_none_or(|s| s.len() != nslots) {
                     let dt = state_dtype(p.var.dtype());
                     let slots = (0..nslots)
-                        .map(|_| Tensor::zeros(p.var.shape(), dt, p.var.device()))
+                        .map(|_| crate::backend::cpu::state_zeros(p.var.as_tensor(), dt))
                         .collect::<candle_core::Result<Vec<_>>>()?;
                     p.slots = Some(slots);
                     p.fresh = true;

@@ -490,3 +490,46 @@ fn gradients_aliasing_another_parameter_or_its_state_are_rejected() {
         assert_eq!(snapshot(opt.as_ref(), &vars), before, "{}", e.label);
     }
 }
+
+/// Address of a CPU tensor's first element.
+fn addr(t: &Tensor) -> usize {
+    let (s, l) = t.storage_and_layout();
+    let base = match &*s {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.as_ptr() as usize,
+        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => v.as_ptr() as usize,
+        _ => panic!("not an f32/bf16 CPU tensor"),
+    };
+    base + l.start_offset() * t.dtype().size_in_bytes()
+}
+
+#[test]
+fn cpu_state_reaches_a_cache_line_where_its_parameter_does() {
+    // Heap-sized tensors, whose addresses vary modulo 64: the element loop's scalar head aligns
+    // the parameter, and every f32 state slot must be on a 64-byte boundary at that element too.
+    let shapes: &[&[usize]] = &[&[1000], &[37, 5], &[333], &[7, 9, 3], &[4097], &[130]];
+    for e in table() {
+        for dtype in [DType::F32, DType::BF16] {
+            let vars = named_vars(shapes, dtype);
+            let mut opt = build(&e, &vars);
+            opt.step(&grads_for(&vars, 1, dtype)).unwrap();
+            let mut resumed = build(&e, &vars);
+            resumed.load_bytes(&opt.save_bytes().unwrap()).unwrap();
+            for (o, when) in [(&opt, "after a step"), (&resumed, "after loading")] {
+                for (name, v) in &vars {
+                    let size = dtype.size_in_bytes();
+                    let head = (64 - addr(v.as_tensor()) % 64) % 64 / size;
+                    let st = o.param_state(name).unwrap();
+                    assert!(!st.slots.is_empty() || e.state_bytes == 0);
+                    for (slot, t) in &st.slots {
+                        assert_eq!(
+                            (addr(t) + head * 4) % 64,
+                            0,
+                            "{} {dtype:?} {name}/{slot} {when}",
+                            e.label
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
