@@ -11,8 +11,9 @@ bench is given --torch and a python with torch.
     python3 scripts/bench_torch.py --device cuda --set xl --steps 20
     python3 scripts/bench_torch.py --serve --set gpt2 --threads 2   # driven by examples/bench.rs
 
-With --serve it sets everything up, prints one JSON line {"names": [...], "bytes": [...]}, and
-then answers each line "NAME K" on stdin with one untimed and K timed steps of that optimizer,
+--variants keeps only some rows (adamw_fused, adamw_foreach, adamw_forloop, sgd_momentum).
+With --serve it sets everything up (one step of each optimizer, so its state exists), prints
+one JSON line {"names": [...], "bytes": [...]}, and then answers each line "NAME K" on stdin with one untimed and K timed steps of that optimizer,
 printing their times as a JSON list: the Rust bench interleaves these blocks with its own, so
 both are measured in the same moments of a noisy machine.
 """
@@ -53,9 +54,10 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--serve", action="store_true")
+    ap.add_argument("--variants", default="", help="comma list, e.g. adamw_fused,sgd_momentum (default: all)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    shapes = {"gpt2": gpt2_small, "10m": ten_m, "xl": lambda: gpt2(48, 1600)}[a.set]()
+    shapes = {"gpt2": gpt2_small, "gpt2-flat": lambda: [[124439808]], "gpt2-nowte": lambda: gpt2_small()[1:], "10m": ten_m, "xl": lambda: gpt2(48, 1600)}[a.set]()
     torch.manual_seed(0)
     dev = torch.device(a.device)
     params = [torch.nn.Parameter(torch.randn(*s, device=dev) * 0.02) for s in shapes]
@@ -70,9 +72,16 @@ def main():
         ("torch_adamw_forloop", lambda: torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, foreach=False), 28),
         ("torch_sgd_momentum", lambda: torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=True), 20),
     ]
+    if a.variants:
+        keep = a.variants.split(",")
+        variants = [v for v in variants if v[0].removeprefix("torch_") in keep]
     if a.serve:
         import sys
         opts = {name: make() for name, make, _ in variants}
+        # One step each first: all of this process's memory is in place before it answers
+        # (the bench controls which side allocates first).
+        for opt in opts.values():
+            opt.step()
         print(json.dumps({"names": [v[0] for v in variants], "bytes": [v[2] * n for v in variants]}), flush=True)
         for line in sys.stdin:
             name, k = line.split()
