@@ -254,7 +254,7 @@ fn main() -> BoxResult<()> {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()?;
-            let local = pool.install(|| measure(&args, &algos, set, threads, &mut streams))?;
+            let local = measure(&args, &algos, set, &pool, &mut streams)?;
             print_table(&local);
             rows.extend(local);
         }
@@ -379,9 +379,10 @@ fn measure(
     args: &Args,
     algos: &[Algo],
     set: &str,
-    threads: usize,
+    pool: &rayon::ThreadPool,
     st: &mut Streams,
 ) -> BoxResult<Vec<Row>> {
+    let threads = pool.current_num_threads();
     let shapes = shapes_of(set)?;
     let n = numel(&shapes);
     let new_ours = || Ours::new(&shapes, algos, true, !args.skip_candle_nn);
@@ -450,67 +451,72 @@ fn measure(
             })
             .collect();
         let mut record = |slot: usize, ms: Vec<f64>| names[slot].2[half].extend(ms);
-        for round in 0..rounds {
-            // The peers' blocks go last in even rounds and first in odd ones, so neither side
-            // always follows the same neighbour.
-            let mut peer_blocks = |record: &mut dyn FnMut(usize, Vec<f64>)| {
-                for (p, slots) in peers.iter_mut().zip(&peer_slots) {
-                    for (i, &slot) in slots.iter().enumerate() {
-                        match p.block(i, block) {
-                            Ok(ms) => record(slot, ms),
-                            Err(e) => eprintln!("{}: {e}", p.names[i]),
+        // Only the steps run in the pool: a training loop allocates from its main thread.
+        pool.install(|| {
+            for round in 0..rounds {
+                // The peers' blocks go last in even rounds and first in odd ones, so neither side
+                // always follows the same neighbour.
+                let mut peer_blocks = |record: &mut dyn FnMut(usize, Vec<f64>)| {
+                    for (p, slots) in peers.iter_mut().zip(&peer_slots) {
+                        for (i, &slot) in slots.iter().enumerate() {
+                            match p.block(i, block) {
+                                Ok(ms) => record(slot, ms),
+                                Err(e) => eprintln!("{}: {e}", p.names[i]),
+                            }
                         }
                     }
+                };
+                if round % 2 == 1 {
+                    peer_blocks(&mut record);
                 }
-            };
-            if round % 2 == 1 {
-                peer_blocks(&mut record);
-            }
-            let Streams { a, b, c } = &mut *st;
-            let mut s = slots.iter();
-            let mut next = || *s.next().expect("one slot per measurement");
-            record(
-                next(),
-                time_block(block, &mut || {
-                    a.par_chunks_mut(CHUNK)
-                        .zip(b.par_chunks(CHUNK))
-                        .for_each(|(a, b)| simd::run(Copy { a, b }))
-                }),
-            );
-            record(
-                next(),
-                time_block(block, &mut || {
-                    a.par_chunks_mut(CHUNK)
-                        .zip(b.par_chunks(CHUNK))
-                        .zip(c.par_chunks(CHUNK))
-                        .for_each(|((a, b), c)| simd::run(Triad { a, b, c, s: 3.0 }))
-                }),
-            );
-            let grads = &ours.grads;
-            for (_, opt) in &mut ours.opts {
+                let Streams { a, b, c } = &mut *st;
+                let mut s = slots.iter();
+                let mut next = || *s.next().expect("one slot per measurement");
                 record(
                     next(),
                     time_block(block, &mut || {
-                        opt.step(grads).unwrap();
+                        a.par_chunks_mut(CHUNK)
+                            .zip(b.par_chunks(CHUNK))
+                            .for_each(|(a, b)| simd::run(Copy { a, b }))
                     }),
                 );
+                record(
+                    next(),
+                    time_block(block, &mut || {
+                        a.par_chunks_mut(CHUNK)
+                            .zip(b.par_chunks(CHUNK))
+                            .zip(c.par_chunks(CHUNK))
+                            .for_each(|((a, b), c)| simd::run(Triad { a, b, c, s: 3.0 }))
+                    }),
+                );
+                let grads = &ours.grads;
+                for (_, opt) in &mut ours.opts {
+                    record(
+                        next(),
+                        time_block(block, &mut || {
+                            opt.step(grads).unwrap();
+                        }),
+                    );
+                }
+                if let Some(cn) = &mut ours.cn {
+                    use candle_nn::optim::Optimizer as _;
+                    record(next(), time_block(block, &mut || cn.step(grads).unwrap()));
+                }
+                if round % 2 == 0 {
+                    peer_blocks(&mut record);
+                }
             }
-            if let Some(cn) = &mut ours.cn {
-                use candle_nn::optim::Optimizer as _;
-                record(next(), time_block(block, &mut || cn.step(grads).unwrap()));
-            }
-            if round % 2 == 0 {
-                peer_blocks(&mut record);
-            }
-        }
+        });
         drop(peers);
         if half + 1 == halves {
             // Peak extra memory of one step of each optimizer (state exists by now): the step
             // allocates nothing proportional to the model.
             let grads = &ours.grads;
             for (name, opt) in &mut ours.opts {
-                let extra = peak_extra_rss(|| {
-                    opt.step(grads).unwrap();
+                let extra = pool.install(|| {
+                    peak_extra_rss(|| {
+                        opt.step(grads).unwrap();
+                    })
                 });
                 peak.push((name.clone(), extra));
             }
@@ -567,39 +573,40 @@ fn serve(args: &Args, algos: &[Algo]) -> BoxResult<()> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    pool.install(|| {
-        let mut ours = Ours::new(&shapes_of(set)?, algos, false, false)?;
-        let names: Vec<String> = ours
-            .opts
-            .iter()
-            .map(|(n, _)| format!("control_{n}"))
-            .collect();
-        let bytes: Vec<usize> = ours
-            .opts
-            .iter()
-            .map(|(_, o)| o.step_traffic_bytes())
-            .collect();
-        let mut stdout = std::io::stdout().lock();
-        writeln!(
-            stdout,
-            "{}",
-            serde_json::json!({"names": names, "bytes": bytes})
-        )?;
-        stdout.flush()?;
-        for line in std::io::stdin().lock().lines() {
-            let line = line?;
-            let (name, k) = line.split_once(' ').ok_or("bad request")?;
-            let i = names.iter().position(|n| n == name).ok_or("unknown name")?;
-            let grads = &ours.grads;
-            let opt = &mut ours.opts[i].1;
-            let ms = time_block(k.trim().parse()?, &mut || {
+    let mut ours = Ours::new(&shapes_of(set)?, algos, false, false)?;
+    let names: Vec<String> = ours
+        .opts
+        .iter()
+        .map(|(n, _)| format!("control_{n}"))
+        .collect();
+    let bytes: Vec<usize> = ours
+        .opts
+        .iter()
+        .map(|(_, o)| o.step_traffic_bytes())
+        .collect();
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
+        "{}",
+        serde_json::json!({"names": names, "bytes": bytes})
+    )?;
+    stdout.flush()?;
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let (name, k) = line.split_once(' ').ok_or("bad request")?;
+        let i = names.iter().position(|n| n == name).ok_or("unknown name")?;
+        let k: usize = k.trim().parse()?;
+        let grads = &ours.grads;
+        let opt = &mut ours.opts[i].1;
+        let ms = pool.install(|| {
+            time_block(k, &mut || {
                 opt.step(grads).unwrap();
-            });
-            writeln!(stdout, "{}", serde_json::json!(ms))?;
-            stdout.flush()?;
-        }
-        Ok(())
-    })
+            })
+        });
+        writeln!(stdout, "{}", serde_json::json!(ms))?;
+        stdout.flush()?;
+    }
+    Ok(())
 }
 
 fn print_table(rows: &[Row]) {
