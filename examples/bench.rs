@@ -254,7 +254,7 @@ fn main() -> BoxResult<()> {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()?;
-            let local = measure(&args, &algos, set, &pool, &mut streams)?;
+            let local = measure(&args, &algos, set, &shapes, &pool, &mut streams)?;
             print_table(&local);
             rows.extend(local);
         }
@@ -379,13 +379,13 @@ fn measure(
     args: &Args,
     algos: &[Algo],
     set: &str,
+    shapes: &[(String, Vec<usize>)],
     pool: &rayon::ThreadPool,
     st: &mut Streams,
 ) -> BoxResult<Vec<Row>> {
     let threads = pool.current_num_threads();
-    let shapes = shapes_of(set)?;
-    let n = numel(&shapes);
-    let new_ours = || Ours::new(&shapes, algos, true, !args.skip_candle_nn);
+    let n = numel(shapes);
+    let new_ours = || Ours::new(shapes, algos, true, !args.skip_candle_nn);
     let start_peers = || -> Vec<Peer> {
         let mut peers = Vec::new();
         if let Some(py) = &args.torch {

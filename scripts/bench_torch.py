@@ -13,9 +13,10 @@ bench is given --torch and a python with torch.
 
 --variants keeps only some rows (adamw_fused, adamw_foreach, adamw_forloop, sgd_momentum).
 With --serve it sets everything up (one step of each optimizer, so its state exists), prints
-one JSON line {"names": [...], "bytes": [...]}, and then answers each line "NAME K" on stdin with one untimed and K timed steps of that optimizer,
-printing their times as a JSON list: the Rust bench interleaves these blocks with its own, so
-both are measured in the same moments of a noisy machine.
+one JSON line {"names": [...], "bytes": [...]}, and then answers each line "NAME K" on stdin
+with one untimed and K timed steps of that optimizer, printing their times as a JSON list: the
+Rust bench interleaves these blocks with its own, so both are measured in the same moments of
+a noisy machine.
 """
 import argparse
 import json
