@@ -27,6 +27,10 @@ pub struct ParamMeta<'a> {
     pub name: &'a str,
     /// The parameter's shape.
     pub shape: &'a Shape,
+    /// The learning rate in effect for this parameter at this step: the peak rate × the
+    /// schedule's factor × its group's ratio to the base rate. Algorithms read the rate from
+    /// here, never from their configuration's `lr` (which is the group's configured rate).
+    pub lr: f64,
     /// How many updates this parameter has received, counting the current one (so 1 at its
     /// first update). It does not advance in steps where the parameter has no gradient.
     pub t: u64,

@@ -687,6 +687,7 @@ impl<A: Algorithm> Optim<A> {
                 let meta = ParamMeta {
                     name: &p.name,
                     shape: p.var.shape(),
+                    lr: group.config.lr(),
                     t: p.t,
                     group_step: group.step,
                     fresh: p.fresh,

@@ -220,12 +220,12 @@ impl Algorithm for AdaBeliefConfig {
         let bc1 = 1.0 - b1.powf(t);
         let bc2 = 1.0 - b2.powf(t);
         let (decay, l2) = match (self.weight_decouple, self.fixed_decay) {
-            (true, false) => (1.0 - self.lr * self.weight_decay, 0.0),
+            (true, false) => (1.0 - meta.lr * self.weight_decay, 0.0),
             (true, true) => (1.0 - self.weight_decay, 0.0),
             (false, _) => (1.0, self.weight_decay),
         };
         let (mode, step) = if !self.rectify {
-            (Mode::Adam, self.lr / bc1)
+            (Mode::Adam, meta.lr / bc1)
         } else {
             // RAdam's ρ_t and k, in f64, evaluated in the reference's order.
             let beta2_t = b2.powf(t);
@@ -238,9 +238,9 @@ impl Algorithm for AdaBeliefConfig {
                     / (n_sma_max - 2.0))
                     .sqrt()
                     / (1.0 - b1.powf(t));
-                (Mode::Rectified, k * self.lr)
+                (Mode::Rectified, k * meta.lr)
             } else if self.degenerated_to_sgd {
-                (Mode::Sgd, 1.0 / (1.0 - b1.powf(t)) * self.lr)
+                (Mode::Sgd, 1.0 / (1.0 - b1.powf(t)) * meta.lr)
             } else {
                 (Mode::None, 0.0)
             }

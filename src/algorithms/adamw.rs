@@ -143,12 +143,12 @@ impl Algorithm for AdamWConfig {
         let bc1 = 1.0 - b1.powf(t);
         let bc2 = 1.0 - b2.powf(t);
         AdamWKernel {
-            decay: 1.0 - self.lr * self.weight_decay,
+            decay: 1.0 - meta.lr * self.weight_decay,
             lerp_w: 1.0 - b1,
             beta2: b2,
             one_minus_beta2: 1.0 - b2,
             bc2_sqrt: bc2.sqrt(),
-            step_size: self.lr / bc1,
+            step_size: meta.lr / bc1,
             eps: self.eps,
             grad_scale: if self.maximize {
                 -grad_scale

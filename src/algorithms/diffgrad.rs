@@ -125,7 +125,7 @@ impl Algorithm for DiffGradConfig {
             beta1: b1,
             beta2: b2,
             eps: self.eps,
-            step_size: self.lr * bc2.sqrt() / bc1,
+            step_size: meta.lr * bc2.sqrt() / bc1,
             grad_scale,
         }
     }

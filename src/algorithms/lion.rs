@@ -89,10 +89,10 @@ impl Algorithm for LionConfig {
     fn slots(&self) -> &'static [&'static str] {
         &["exp_avg"]
     }
-    fn kernel(&self, _: &ParamMeta<'_>, _: &(), _: &(), grad_scale: f64) -> LionKernel {
+    fn kernel(&self, meta: &ParamMeta<'_>, _: &(), _: &(), grad_scale: f64) -> LionKernel {
         LionKernel {
-            decay: 1.0 - self.lr * self.weight_decay,
-            lr: self.lr,
+            decay: 1.0 - meta.lr * self.weight_decay,
+            lr: meta.lr,
             beta1: self.betas.0,
             beta2: self.betas.1,
             grad_scale,

@@ -219,11 +219,11 @@ impl Algorithm for SgdSaiConfig {
     ) -> SgdSaiKernel {
         let gsnr = extra.gsnr.unwrap_or(0.0);
         let step_size = match self.gsnr_mode {
-            GsnrMode::MaxNormalized => self.lr * gsnr / global.gsnr_max.unwrap_or(gsnr),
-            GsnrMode::Exact | GsnrMode::SqrtNumel => self.lr * gsnr,
+            GsnrMode::MaxNormalized => meta.lr * gsnr / global.gsnr_max.unwrap_or(gsnr),
+            GsnrMode::Exact | GsnrMode::SqrtNumel => meta.lr * gsnr,
         };
         SgdSaiKernel {
-            decay: 1.0 - self.weight_decay * self.lr,
+            decay: 1.0 - self.weight_decay * meta.lr,
             step_size,
             momentum: self.momentum,
             one_minus_momentum: 1.0 - self.momentum,
