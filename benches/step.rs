@@ -10,7 +10,7 @@
 //! ```
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_optim::{Algo, NonFinitePolicy};
 use criterion::{criterion_group, Criterion, Throughput};
 use std::time::Duration;
@@ -41,24 +41,14 @@ fn gpt2_small_shapes() -> Vec<(String, Vec<usize>)> {
     s
 }
 
-/// Bytes one fused f32 step must move per element (ALGORITHMS.md §8); AdamP's rank ≥ 2
-/// tensors take a second pass (44 B in all, as `step_traffic_bytes` counts), its vectors 28 B.
+/// Bytes one fused f32 step must move (ALGORITHMS.md §8), as the crate counts them.
 fn bytes_per_step(algo: Algo, shapes: &[(String, Vec<usize>)]) -> u64 {
-    shapes
+    let dims: Vec<(Vec<usize>, DType)> = shapes
         .iter()
-        .map(|(_, s)| {
-            let n: usize = s.iter().product();
-            let b = match algo {
-                Algo::SgdSai | Algo::Lion => 20,
-                Algo::AdamW | Algo::AdaBelief => 28,
-                Algo::AdamP if s.len() >= 2 => 44,
-                Algo::AdamP => 28,
-                Algo::DiffGrad => 36,
-                Algo::Adan => 44,
-            };
-            (n * b) as u64
-        })
-        .sum()
+        .map(|(_, s)| (s.clone(), DType::F32))
+        .collect();
+    algo.step_traffic_bytes(&serde_json::json!({"lr": 1e-4}), &dims)
+        .expect("default hyperparameters are valid") as u64
 }
 
 struct Model {

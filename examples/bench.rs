@@ -27,7 +27,7 @@
 mod common;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_optim::backend::simd;
 use candle_optim::{Algo, NonFinitePolicy};
 use clap::Parser;
@@ -311,6 +311,8 @@ fn time_block(k: usize, f: &mut dyn FnMut()) -> Vec<f64> {
 struct Ours {
     grads: GradStore,
     opts: Vec<(String, Box<dyn candle_optim::Optimizer>)>,
+    /// Bytes each of `opts` moves per step (`Algo::step_traffic_bytes`).
+    bytes: Vec<usize>,
     cn: Option<candle_nn::optim::AdamW>,
 }
 
@@ -334,15 +336,23 @@ impl Ours {
         }
         let hyper = serde_json::json!({"lr": 1e-4, "weight_decay": 0.01});
         let mut opts: Vec<(String, Box<dyn candle_optim::Optimizer>)> = Vec::new();
+        let mut bytes = Vec::new();
+        let dims: Vec<(Vec<usize>, DType)> = shapes
+            .iter()
+            .map(|(_, s)| (s.clone(), DType::F32))
+            .collect();
         for &algo in algos {
+            let b = algo.step_traffic_bytes(&hyper, &dims)?;
             let mut opt = algo.build_json(vars.clone(), &hyper)?;
             opt.set_non_finite_policy(NonFinitePolicy::Propagate);
             opts.push((format!("{}_fused", algo.name()), opt));
+            bytes.push(b);
             if algo == Algo::AdamW && skip_step_row {
                 // The default policy (SkipStep) reads every gradient once more first.
                 let mut opt = algo.build_json(vars.clone(), &hyper)?;
                 opt.set_non_finite_policy(NonFinitePolicy::SkipStep);
                 opts.push(("adamw_fused_skipstep".into(), opt));
+                bytes.push(b);
             }
         }
         for (_, opt) in &mut opts {
@@ -362,7 +372,12 @@ impl Ours {
         } else {
             None
         };
-        Ok(Self { grads, opts, cn })
+        Ok(Self {
+            grads,
+            opts,
+            bytes,
+            cn,
+        })
     }
 }
 
@@ -434,8 +449,8 @@ fn measure(
             slot_of(&mut names, "stream_copy", 8 * n),
             slot_of(&mut names, "stream_triad", 12 * n),
         ];
-        for (name, o) in &ours.opts {
-            slots.push(slot_of(&mut names, name, o.step_traffic_bytes()));
+        for ((name, _), &b) in ours.opts.iter().zip(&ours.bytes) {
+            slots.push(slot_of(&mut names, name, b));
         }
         if ours.cn.is_some() {
             slots.push(slot_of(&mut names, "candle_nn_adamw", 28 * n));
@@ -579,11 +594,7 @@ fn serve(args: &Args, algos: &[Algo]) -> BoxResult<()> {
         .iter()
         .map(|(n, _)| format!("control_{n}"))
         .collect();
-    let bytes: Vec<usize> = ours
-        .opts
-        .iter()
-        .map(|(_, o)| o.step_traffic_bytes())
-        .collect();
+    let bytes = ours.bytes.clone();
     let mut stdout = std::io::stdout().lock();
     writeln!(
         stdout,

@@ -17,7 +17,7 @@
 mod replay;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_optim::{Algo, NonFinitePolicy};
 use clap::Parser;
 use serde::Serialize;
@@ -430,12 +430,14 @@ fn bench_set(
             continue;
         }
         let mut run = || -> candle_optim::Result<()> {
-            let mut opt = algo.build_json(
-                vars.clone(),
-                &serde_json::json!({"lr": 1e-4, "weight_decay": 0.01}),
-            )?;
+            let hyper = serde_json::json!({"lr": 1e-4, "weight_decay": 0.01});
+            let mut opt = algo.build_json(vars.clone(), &hyper)?;
             opt.set_non_finite_policy(NonFinitePolicy::Propagate);
-            let bytes = opt.step_traffic_bytes();
+            let dims: Vec<(Vec<usize>, DType)> = vars
+                .iter()
+                .map(|(_, v)| (v.dims().to_vec(), v.dtype()))
+                .collect();
+            let bytes = algo.step_traffic_bytes(&hyper, &dims)?;
             let t = time_step(dev, steps, || opt.step(&grads).map(|_| ()))?;
             push(&format!("{}_fused", algo.name()), t, bytes);
             if algo == Algo::AdamW {

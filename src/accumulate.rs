@@ -1,8 +1,8 @@
 //! Gradient accumulation over micro-batches.
 
+use crate::driver::{check_matches, StepReport};
 use crate::error::Result;
-use crate::optimizer::check_matches;
-use crate::optimizer::{Optimizer, StepReport};
+use crate::optimizer::Optimizer;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 

@@ -186,6 +186,20 @@ pub trait Algorithm:
         grad_scale: f64,
     ) -> Self::Kernel;
 
+    /// Checks per-parameter scalars read from a checkpoint: they must be what some run can
+    /// produce (SGD-SaI: a g-SNR that is finite, ≥ 0 and an f32 value).
+    fn check_extra(extra: &Self::ParamExtra) -> Result<()> {
+        let _ = extra;
+        Ok(())
+    }
+
+    /// Checks optimizer-wide scalars read from a checkpoint, like
+    /// [`check_extra`](Self::check_extra).
+    fn check_global(global: &Self::Global) -> Result<()> {
+        let _ = global;
+        Ok(())
+    }
+
     /// Named per-parameter scalars for inspection and checkpoints.
     fn extra_scalars(extra: &Self::ParamExtra) -> Vec<(&'static str, f64)> {
         let _ = extra;

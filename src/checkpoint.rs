@@ -13,8 +13,8 @@
 //! never cast to the parameter's dtype.
 
 use crate::algorithm::Algorithm;
+use crate::driver::{NonFinitePolicy, Optim};
 use crate::error::{Error, Result};
-use crate::optimizer::{NonFinitePolicy, Optim};
 use crate::schedule::Schedule;
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
@@ -26,16 +26,21 @@ use std::path::Path;
 
 /// The safetensors metadata key.
 pub const META_KEY: &str = "candle_optim";
-/// The checkpoint format version written by this crate.
-pub const FORMAT_VERSION: u32 = 1;
+/// The checkpoint format version written by this crate (2: one source for the learning rate,
+/// parameters named by position marked as such).
+pub const FORMAT_VERSION: u32 = 2;
 
+/// At most this many characters of a string read from a file appear in an error message.
+const QUOTE_CHARS: usize = 64;
+
+// Every field is required and no unknown field is accepted: a checkpoint that does not say
+// everything this crate would write is damaged, not something to complete with defaults.
 #[derive(Serialize, Deserialize)]
-#[serde(bound = "")]
+#[serde(bound = "", deny_unknown_fields)]
 struct State<A: Algorithm> {
     format_version: u32,
     algorithm: String,
     base: A,
-    lr: f64,
     peak_lr: f64,
     steps: u64,
     schedule: Option<Schedule>,
@@ -46,18 +51,18 @@ struct State<A: Algorithm> {
 }
 
 #[derive(Serialize, Deserialize)]
-#[serde(bound = "")]
+#[serde(bound = "", deny_unknown_fields)]
 struct GroupState<A: Algorithm> {
     config: A,
-    lr_scale: f64,
     step: u64,
     params: Vec<ParamState<A>>,
 }
 
 #[derive(Serialize, Deserialize)]
-#[serde(bound = "")]
+#[serde(bound = "", deny_unknown_fields)]
 struct ParamState<A: Algorithm> {
     name: String,
+    positional: bool,
     shape: Vec<usize>,
     dtype: String,
     step: u64,
@@ -184,6 +189,7 @@ impl<A: Algorithm> Optim<A> {
                 }
                 params.push(ParamState::<A> {
                     name: p.name.clone(),
+                    positional: p.positional,
                     shape: p.var.dims().to_vec(),
                     dtype: dtype_name(p.var.dtype()),
                     step: p.t,
@@ -194,7 +200,6 @@ impl<A: Algorithm> Optim<A> {
             }
             groups.push(GroupState::<A> {
                 config: g.config.clone(),
-                lr_scale: g.lr_scale,
                 step: g.step,
                 params,
             });
@@ -211,7 +216,6 @@ impl<A: Algorithm> Optim<A> {
             format_version: FORMAT_VERSION,
             algorithm: A::NAME.to_string(),
             base: self.base.clone(),
-            lr: self.lr,
             peak_lr: self.peak_lr,
             steps: self.steps,
             schedule: self.schedule.clone(),
@@ -249,8 +253,15 @@ impl<A: Algorithm> Optim<A> {
     }
 
     /// Restores a checkpoint of an optimizer of the same algorithm with the same groups and
-    /// parameter names, shapes and dtypes. Everything is checked first: on any error (truncated
-    /// or corrupt bytes, another algorithm, a different layout) nothing changes.
+    /// parameter names, shapes and dtypes. Everything is checked first, as construction checks
+    /// it and more (counters, the algorithm's scalars, second moments ≥ 0): on any error
+    /// (truncated or corrupt bytes, another algorithm, a different layout, values no run can
+    /// produce) nothing changes.
+    ///
+    /// Parameters named by position (`param.<i>`, from [`Optim::new`] or
+    /// `candle_nn::optim::Optimizer::new`) are matched by shape and dtype, never by position;
+    /// if two of them in one group share both, the load fails with
+    /// [`Error::AmbiguousCheckpoint`].
     pub fn load_bytes(&mut self, bytes: &[u8]) -> Result<()> {
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| corrupt(format!("not a readable safetensors file: {e}")))?;
@@ -281,24 +292,27 @@ impl<A: Algorithm> Optim<A> {
         if actual as u64 != crc {
             return Err(corrupt("checksum mismatch: the file is damaged"));
         }
-        // Only the algorithm is read first, so another algorithm's checkpoint gets that error.
+        // Only the version and algorithm are read first, so another algorithm's checkpoint
+        // gets that error.
         let head: serde_json::Value = serde_json::from_str(state_json).map_err(corrupt)?;
         if head["format_version"].as_u64() != Some(FORMAT_VERSION as u64) {
             return Err(corrupt(format!(
                 "format version {} (this crate reads {FORMAT_VERSION})",
-                head["format_version"]
+                quote(&head["format_version"].to_string())
             )));
         }
         let found = head["algorithm"].as_str().unwrap_or("?");
         if found != A::NAME {
             return Err(Error::WrongAlgorithm {
                 expected: A::NAME,
-                found: found.to_string(),
+                found: quote(found),
             });
         }
-        let state: State<A> = serde_json::from_str(state_json).map_err(corrupt)?;
+        check_fields::<A>(&head)?;
+        let state: State<A> = serde_json::from_value(head).map_err(corrupt)?;
+        check_state(&state)?;
 
-        // Layout: the same groups with the same parameters, in order.
+        // Layout: the same groups with the same parameters.
         if state.groups.len() != self.groups.len() {
             return Err(mismatch(format!(
                 "{} parameter groups, this optimizer has {}",
@@ -306,14 +320,14 @@ impl<A: Algorithm> Optim<A> {
                 self.groups.len()
             )));
         }
-        state.base.validate()?;
-        if let Some(s) = &state.schedule {
-            s.validate()?;
-        }
+        let mut ratios = Vec::with_capacity(state.groups.len());
+        // For each group: for each of this optimizer's parameters, the index of its entry in
+        // the checkpoint's group, and its state.
+        let mut order: Vec<Vec<usize>> = Vec::with_capacity(self.groups.len());
         let mut new_slots: Vec<Vec<Option<Vec<Tensor>>>> = Vec::new();
         let mut used = 0usize;
         for (gi, (gs, g)) in state.groups.iter().zip(&self.groups).enumerate() {
-            gs.config.validate()?;
+            ratios.push(crate::driver::lr_ratio(state.base.lr(), gs.config.lr())?);
             if gs.params.len() != g.params.len() {
                 return Err(mismatch(format!(
                     "group {gi} has {} parameters, this optimizer's has {}",
@@ -321,20 +335,16 @@ impl<A: Algorithm> Optim<A> {
                     g.params.len()
                 )));
             }
+            let idx = match_params(gi, &gs.params, &g.params)?;
             let mut group_slots = Vec::with_capacity(g.params.len());
-            for (ps, p) in gs.params.iter().zip(&g.params) {
-                if ps.name != p.name {
-                    return Err(mismatch(format!(
-                        "group {gi}: checkpoint has parameter `{}` where this optimizer has `{}`",
-                        ps.name, p.name
-                    )));
-                }
+            for (&k, p) in idx.iter().zip(&g.params) {
+                let ps = &gs.params[k];
                 if ps.shape != p.var.dims() || ps.dtype != dtype_name(p.var.dtype()) {
                     return Err(mismatch(format!(
                         "parameter `{}` is {:?} {} in the checkpoint, {:?} {} here",
                         p.name,
                         ps.shape,
-                        ps.dtype,
+                        quote(&ps.dtype),
                         p.var.dims(),
                         dtype_name(p.var.dtype())
                     )));
@@ -350,26 +360,32 @@ impl<A: Algorithm> Optim<A> {
                 };
                 let mut slots = Vec::new();
                 for slot in gs.config.slots() {
-                    let key = format!("{}/{}", p.name, slot);
+                    let key = format!("{}/{}", ps.name, slot);
                     let view = st
                         .tensor(&key)
-                        .map_err(|_| mismatch(format!("no state tensor `{key}`")))?;
+                        .map_err(|_| mismatch(format!("no state tensor `{}`", quote(&key))))?;
                     if view.dtype() != want || view.shape() != p.var.dims() {
                         return Err(mismatch(format!(
-                            "state tensor `{key}` is {:?} {:?}, expected {want:?} {:?}",
+                            "state tensor `{}` is {:?} {:?}, expected {want:?} {:?}",
+                            quote(&key),
                             view.shape(),
                             view.dtype(),
                             p.var.dims()
                         )));
                     }
+                    let t = view.load(&Device::Cpu)?;
+                    if !slot_can_be_negative(slot) {
+                        check_nonnegative(&key, &t)?;
+                    }
                     slots.push(crate::backend::cpu::place_state(
                         p.var.as_tensor(),
-                        view.load(p.var.device())?,
+                        t.to_device(p.var.device())?,
                     )?);
                     used += 1;
                 }
                 group_slots.push(Some(slots));
             }
+            order.push(idx);
             new_slots.push(group_slots);
         }
         if used != names.len() {
@@ -378,23 +394,24 @@ impl<A: Algorithm> Optim<A> {
                 names.len() - used
             )));
         }
-        if let Some(m) = state.max_grad_norm {
-            if !(m > 0.0 && m.is_finite()) {
-                return Err(Error::hyper("max_grad_norm", m, "must be finite and > 0"));
-            }
-        }
 
         // Everything checked: commit.
-        for ((gs, g), slots) in state
+        for ((((gs, g), slots), idx), ratio) in state
             .groups
             .into_iter()
             .zip(&mut self.groups)
             .zip(new_slots)
+            .zip(order)
+            .zip(ratios)
         {
             g.config = gs.config;
-            g.lr_scale = gs.lr_scale;
+            g.lr_ratio = ratio;
             g.step = gs.step;
-            for ((ps, p), s) in gs.params.into_iter().zip(&mut g.params).zip(slots) {
+            let mut entries: Vec<Option<ParamState<A>>> = gs.params.into_iter().map(Some).collect();
+            for ((p, s), k) in g.params.iter_mut().zip(slots).zip(idx) {
+                let ps = entries[k]
+                    .take()
+                    .expect("each checkpoint entry is matched once");
                 p.t = ps.step;
                 p.fresh = ps.fresh;
                 p.extra = ps.extra;
@@ -404,11 +421,173 @@ impl<A: Algorithm> Optim<A> {
         self.base = state.base;
         self.global = state.global;
         self.steps = state.steps;
-        self.lr = state.lr;
         self.peak_lr = state.peak_lr;
         self.schedule = state.schedule;
         self.policy = state.policy;
         self.max_grad_norm = state.max_grad_norm;
         Ok(())
     }
+}
+
+/// At most [`QUOTE_CHARS`] characters of `s` (a string read from a file), for error messages.
+fn quote(s: &str) -> String {
+    match s.char_indices().nth(QUOTE_CHARS) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// `value` has exactly the keys `template` (a default value serialized) has, recursively
+/// through objects: no missing field silently defaulted, no unknown field ignored.
+pub(crate) fn check_keys(
+    what: &str,
+    value: &serde_json::Value,
+    template: &serde_json::Value,
+) -> Result<()> {
+    use serde_json::Value;
+    let (Value::Object(v), Value::Object(t)) = (value, template) else {
+        return Ok(()); // not an object: its type is checked when it is deserialized
+    };
+    if let Some(k) = t.keys().find(|k| !v.contains_key(*k)) {
+        return Err(corrupt(format!("{what}: field `{k}` is missing")));
+    }
+    if let Some(k) = v.keys().find(|k| !t.contains_key(*k)) {
+        return Err(corrupt(format!("{what}: unknown field `{}`", quote(k))));
+    }
+    for (k, tv) in t {
+        check_keys(&format!("{what}.{k}"), &v[k], tv)?;
+    }
+    Ok(())
+}
+
+/// The algorithm's own parts of the state JSON (configurations, per-parameter and global
+/// scalars) carry exactly their fields. The driver's parts are checked by serde
+/// (`deny_unknown_fields`, no defaults).
+fn check_fields<A: Algorithm>(state: &serde_json::Value) -> Result<()> {
+    let to = |v: serde_json::Result<serde_json::Value>| v.map_err(corrupt);
+    let config = to(serde_json::to_value(A::default()))?;
+    let extra = to(serde_json::to_value(A::ParamExtra::default()))?;
+    let global = to(serde_json::to_value(A::Global::default()))?;
+    check_keys("base", &state["base"], &config)?;
+    check_keys("global", &state["global"], &global)?;
+    for (gi, g) in state["groups"].as_array().into_iter().flatten().enumerate() {
+        check_keys(&format!("group {gi}"), &g["config"], &config)?;
+        for p in g["params"].as_array().into_iter().flatten() {
+            check_keys(&format!("group {gi} parameter"), &p["extra"], &extra)?;
+        }
+    }
+    Ok(())
+}
+
+/// Everything construction checks, plus the invariants a run keeps: counters that can still
+/// advance and agree with each other, and the algorithm's scalars in the range a run produces.
+fn check_state<A: Algorithm>(state: &State<A>) -> Result<()> {
+    state.base.validate()?;
+    crate::error::check_nonneg("lr", state.peak_lr)?;
+    if let Some(s) = &state.schedule {
+        s.validate()?;
+    }
+    if let Some(m) = state.max_grad_norm {
+        if !(m > 0.0 && m.is_finite()) {
+            return Err(Error::hyper("max_grad_norm", m, "must be finite and > 0"));
+        }
+    }
+    if state.steps == u64::MAX {
+        return Err(corrupt("the step counter is at its maximum"));
+    }
+    A::check_global(&state.global)?;
+    for (gi, g) in state.groups.iter().enumerate() {
+        g.config.validate()?;
+        if g.step > state.steps {
+            return Err(corrupt(format!(
+                "group {gi} counts {} steps, the optimizer {}",
+                g.step, state.steps
+            )));
+        }
+        for p in &g.params {
+            let name = quote(&p.name);
+            if p.step > g.step {
+                return Err(corrupt(format!(
+                    "parameter `{name}` counts {} updates in a group of {} steps",
+                    p.step, g.step
+                )));
+            }
+            if p.fresh != (p.step == 0) || (!p.has_state && p.step > 0) {
+                return Err(corrupt(format!(
+                    "parameter `{name}`: inconsistent state flags"
+                )));
+            }
+            A::check_extra(&p.extra).map_err(|e| corrupt(format!("parameter `{name}`: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// For each of `ours`, the index of its entry in `theirs` (a checkpoint's group): by name, or
+/// for parameters named by position by shape and dtype, refusing where that is ambiguous.
+fn match_params<A: Algorithm>(
+    gi: usize,
+    theirs: &[ParamState<A>],
+    ours: &[crate::driver::Param<A>],
+) -> Result<Vec<usize>> {
+    let key = |shape: &[usize], dtype: &str| (shape.to_vec(), dtype.to_string());
+    let mut out = Vec::with_capacity(ours.len());
+    let mut taken = vec![false; theirs.len()];
+    for p in ours {
+        let k = if p.positional {
+            let want = key(p.var.dims(), &dtype_name(p.var.dtype()));
+            let same = |s: &[usize], d: &str| key(s, d) == want;
+            let ours_alike = ours
+                .iter()
+                .filter(|q| q.positional && same(q.var.dims(), &dtype_name(q.var.dtype())))
+                .count();
+            let cands: Vec<usize> = (0..theirs.len())
+                .filter(|&i| theirs[i].positional && same(&theirs[i].shape, &theirs[i].dtype))
+                .collect();
+            if ours_alike > 1 || cands.len() > 1 {
+                return Err(Error::AmbiguousCheckpoint(format!(
+                    "group {gi}: parameters named by position with shape {:?} {} cannot be told \
+                     apart; build the optimizer from named parameters (from_varmap, named_vars)",
+                    p.var.dims(),
+                    dtype_name(p.var.dtype())
+                )));
+            }
+            cands.first().copied()
+        } else {
+            theirs
+                .iter()
+                .position(|t| !t.positional && t.name == p.name)
+        };
+        let Some(k) = k.filter(|&k| !taken[k]) else {
+            return Err(mismatch(format!(
+                "group {gi}: this optimizer's parameter `{}` is not in the checkpoint",
+                p.name
+            )));
+        };
+        taken[k] = true;
+        out.push(k);
+    }
+    Ok(out)
+}
+
+/// Whether a slot may hold negative values (first moments, previous gradients) — second
+/// moments may not: one below 0 would make the next step's square root NaN.
+fn slot_can_be_negative(slot: &str) -> bool {
+    !(slot.contains("_sq") || slot.contains("var"))
+}
+
+/// Fails unless every element of `t` (a state tensor read from a file) is ≥ 0.
+fn check_nonnegative(key: &str, t: &Tensor) -> Result<()> {
+    let t = t.flatten_all()?.to_dtype(DType::F64)?;
+    let bad = t
+        .to_vec1::<f64>()?
+        .into_iter()
+        .any(|x| x < 0.0 || x.is_nan());
+    if bad {
+        return Err(corrupt(format!(
+            "state tensor `{}` holds a negative or NaN value",
+            quote(key)
+        )));
+    }
+    Ok(())
 }

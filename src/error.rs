@@ -113,6 +113,12 @@ pub enum Error {
     #[error("checkpoint does not match this optimizer: {0}")]
     CheckpointMismatch(String),
 
+    /// A checkpoint of parameters named only by position (`param.<i>`) cannot be matched to
+    /// this optimizer's parameters: two of them in one group share shape and dtype, so their
+    /// state could land on the wrong one. Name the parameters (`named_vars`, `from_varmap`).
+    #[error("checkpoint: {0}")]
+    AmbiguousCheckpoint(String),
+
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

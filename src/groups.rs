@@ -1,8 +1,8 @@
 //! Parameter groups: which parameters an optimizer updates, and with which hyperparameters.
 
 use crate::algorithm::Algorithm;
+use crate::driver::{NonFinitePolicy, Optim, PoolVar};
 use crate::error::{Error, Result};
-use crate::optimizer::{NonFinitePolicy, Optim};
 use crate::schedule::Schedule;
 use candle_core::{DType, Var};
 use std::collections::HashSet;
@@ -18,6 +18,25 @@ pub fn is_bias_or_norm(name: &str, var: &Var) -> bool {
                 || s.starts_with("ln")
                 || (s.starts_with("bn") && s[2..].chars().all(|c| c.is_ascii_digit() || c == '_'))
         })
+}
+
+impl<A: Algorithm> Optim<A> {
+    /// One group holding `vars` (named `param.0`, `param.1`, ... by position; see
+    /// [`OptimBuilder::vars`] for what that means for checkpoints), configured by `config`.
+    /// Non-float vars are ignored.
+    pub fn new(vars: Vec<Var>, config: A) -> Result<Self> {
+        OptimBuilder::new(config).vars(vars).build()
+    }
+
+    /// One group holding every variable of `varmap`, named as in the map.
+    pub fn from_varmap(varmap: &candle_nn::VarMap, config: A) -> Result<Self> {
+        OptimBuilder::new(config).varmap(varmap).build()
+    }
+
+    /// A builder for parameter groups, clipping, schedules and the non-finite policy.
+    pub fn builder(config: A) -> OptimBuilder<A> {
+        OptimBuilder::new(config)
+    }
 }
 
 /// Builds an [`Optim`] with parameter groups.
@@ -46,8 +65,8 @@ pub fn is_bias_or_norm(name: &str, var: &Var) -> bool {
 /// ```
 pub struct OptimBuilder<A: Algorithm> {
     base: A,
-    pool: Vec<(String, Var)>,
-    groups: Vec<(A, Vec<(String, Var)>)>,
+    pool: Vec<PoolVar>,
+    groups: Vec<(A, Vec<PoolVar>)>,
     error: Option<Error>,
     policy: NonFinitePolicy,
     max_grad_norm: Option<f64>,
@@ -74,7 +93,7 @@ impl<A: Algorithm> OptimBuilder<A> {
         self.error.get_or_insert(e);
     }
 
-    fn push(&mut self, name: String, var: Var) {
+    fn push(&mut self, name: String, var: Var, positional: bool) {
         if !var.dtype().is_float() {
             return; // integer vars (counters, indices) are not optimized
         }
@@ -88,15 +107,20 @@ impl<A: Algorithm> OptimBuilder<A> {
             });
             return;
         }
-        self.pool.push((name, var));
+        self.pool.push((name, var, positional));
     }
 
-    /// Adds unnamed variables; they are named `param.<i>` in the order given.
+    /// Adds unnamed variables; they are named `param.<i>` in the order given. A checkpoint
+    /// can be matched to such parameters only by shape and dtype: loading one into an
+    /// optimizer where two unnamed parameters of a group share both fails with
+    /// [`Error::AmbiguousCheckpoint`] (the order of `VarMap::all_vars` changes from run to run).
+    /// Use [`varmap`](Self::varmap) or [`named_vars`](Self::named_vars) for checkpoints that
+    /// always load.
     pub fn vars(mut self, vars: impl IntoIterator<Item = Var>) -> Self {
         for v in vars {
             let name = format!("param.{}", self.auto_names);
             self.auto_names += 1;
-            self.push(name, v);
+            self.push(name, v, true);
         }
         self
     }
@@ -104,7 +128,7 @@ impl<A: Algorithm> OptimBuilder<A> {
     /// Adds named variables.
     pub fn named_vars<S: Into<String>>(mut self, vars: impl IntoIterator<Item = (S, Var)>) -> Self {
         for (n, v) in vars {
-            self.push(n.into(), v);
+            self.push(n.into(), v, false);
         }
         self
     }
@@ -131,7 +155,7 @@ impl<A: Algorithm> OptimBuilder<A> {
     ) -> Self {
         let (take, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pool)
             .into_iter()
-            .partition(|(n, v)| pred(n, v));
+            .partition(|(n, v, _)| pred(n, v));
         self.pool = keep;
         let mut config = self.base.clone();
         overrides(&mut config);
@@ -148,7 +172,7 @@ impl<A: Algorithm> OptimBuilder<A> {
             .map(|p| wildmatch::WildMatch::new(p))
             .collect();
         for (raw, pat) in patterns.iter().zip(&pats) {
-            if !self.pool.iter().any(|(n, _)| pat.matches(n)) {
+            if !self.pool.iter().any(|(n, _, _)| pat.matches(n)) {
                 self.fail(Error::UnknownParameter((*raw).to_string()));
             }
         }
@@ -191,7 +215,7 @@ impl<A: Algorithm> OptimBuilder<A> {
         groups.extend(self.groups);
         let mut names = HashSet::new();
         let mut ids = HashSet::new();
-        for (n, v) in groups.iter().flat_map(|(_, g)| g.iter()) {
+        for (n, v, _) in groups.iter().flat_map(|(_, g)| g.iter()) {
             if !names.insert(n.as_str()) || !ids.insert(v.id()) {
                 return Err(Error::DuplicateParameter(n.clone()));
             }

@@ -32,6 +32,7 @@ pub mod algorithm;
 pub mod algorithms;
 pub mod backend;
 pub mod checkpoint;
+mod driver;
 pub mod elem;
 mod error;
 pub mod groups;
@@ -42,37 +43,19 @@ pub mod schedule;
 
 pub use accumulate::{GradAccumulator, Reduction};
 pub use algorithm::{Algorithm, Kernel};
-pub use algorithms::adabelief::AdaBeliefConfig;
-pub use algorithms::adamp::AdamPConfig;
-pub use algorithms::adamw::AdamWConfig;
-pub use algorithms::adan::AdanConfig;
-pub use algorithms::diffgrad::DiffGradConfig;
-pub use algorithms::lion::LionConfig;
-pub use algorithms::sgd_sai::{GsnrMode, SgdSaiConfig};
+pub use algorithms::sgd_sai::GsnrMode;
+pub use driver::{GroupMemory, NonFinitePolicy, Optim, ParamState, SkipReason, StepReport};
 pub use error::{Error, Result};
 pub use groups::{is_bias_or_norm, OptimBuilder};
-pub use optimizer::{
-    GroupMemory, NonFinitePolicy, Optim, Optimizer, ParamState, SkipReason, StepReport,
-};
-pub use registry::Algo;
+pub use optimizer::Optimizer;
+pub use registry::AlgoVisitor;
 pub use schedule::{Phase, Schedule};
+
+// The configuration types, the optimizer aliases and `Algo`, from the one table of algorithms.
+registry::algorithm_table!(declare_algorithms);
+use registry::declare_algorithms;
 
 /// The README's examples, compiled and run as doctests.
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
-
-/// AdamW (decoupled weight decay, amsgrad, maximize), as `torch.optim.AdamW`.
-pub type AdamW = Optim<AdamWConfig>;
-/// SGD-SaI: SGD with EMA momentum and a per-tensor learning-rate scale fixed at step 1.
-pub type SgdSai = Optim<SgdSaiConfig>;
-/// AdamP: Adam with the step projected off scale-invariant weights.
-pub type AdamP = Optim<AdamPConfig>;
-/// AdaBelief: Adam on the variance of the gradient around its EMA, RAdam-rectified.
-pub type AdaBelief = Optim<AdaBeliefConfig>;
-/// diffGrad: Adam with a friction coefficient from the change of the gradient.
-pub type DiffGrad = Optim<DiffGradConfig>;
-/// Adan: adaptive Nesterov momentum (code-convention betas, proximal decay, global clipping).
-pub type Adan = Optim<AdanConfig>;
-/// Lion: sign of an interpolated momentum, decoupled decay.
-pub type Lion = Optim<LionConfig>;

@@ -1,67 +1,110 @@
-//! The table of algorithms: pick one by name at run time.
+//! The table of algorithms: the one declaration of the set, from which the [`Algo`] enum, its
+//! name dispatch, the crate's re-exports and aliases ([`crate::AdamW`], ...) and the CUDA
+//! module table all derive. Adding an optimizer is one line in [`algorithm_table!`]; code that
+//! needs something per algorithm either goes through [`Algo::visit`] (generic over the
+//! configuration type) or matches on [`Algo`] exhaustively, so a forgotten case does not
+//! compile.
 
 use crate::algorithm::Algorithm;
-use crate::algorithms::{
-    adabelief::AdaBeliefConfig, adamp::AdamPConfig, adamw::AdamWConfig, adan::AdanConfig,
-    diffgrad::DiffGradConfig, lion::LionConfig, sgd_sai::SgdSaiConfig,
-};
+use crate::driver::param_traffic_bytes;
 use crate::error::{Error, Result};
 use crate::groups::OptimBuilder;
 use crate::optimizer::Optimizer;
-use candle_core::Var;
+use candle_core::{DType, Var};
 
-/// Every optimizer of the crate, for choosing one at run time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Algo {
-    /// [`crate::SgdSai`].
-    SgdSai,
-    /// [`crate::AdamW`].
-    AdamW,
-    /// [`crate::AdamP`].
-    AdamP,
-    /// [`crate::AdaBelief`].
-    AdaBelief,
-    /// [`crate::DiffGrad`].
-    DiffGrad,
-    /// [`crate::Adan`].
-    Adan,
-    /// [`crate::Lion`].
-    Lion,
-}
-
-/// Calls `$f::<Config>($args)` for the algorithm `$algo`.
-macro_rules! dispatch {
-    ($algo:expr, $f:ident ( $($arg:expr),* )) => {
-        match $algo {
-            Algo::SgdSai => $f::<SgdSaiConfig>($($arg),*),
-            Algo::AdamW => $f::<AdamWConfig>($($arg),*),
-            Algo::AdamP => $f::<AdamPConfig>($($arg),*),
-            Algo::AdaBelief => $f::<AdaBeliefConfig>($($arg),*),
-            Algo::DiffGrad => $f::<DiffGradConfig>($($arg),*),
-            Algo::Adan => $f::<AdanConfig>($($arg),*),
-            Algo::Lion => $f::<LionConfig>($($arg),*),
+/// THE table of algorithms. Each line: `Variant: module::Config as Alias, "doc";` where
+/// `module` is both `src/algorithms/<module>.rs` and the CUDA module `kernels/<module>.cu`.
+/// Calls `$m!` with the whole table.
+macro_rules! algorithm_table {
+    ($m:ident) => {
+        $m! {
+            SgdSai: sgd_sai::SgdSaiConfig as SgdSai,
+                "SGD-SaI: SGD with EMA momentum and a per-tensor learning-rate scale fixed at step 1.";
+            AdamW: adamw::AdamWConfig as AdamW,
+                "AdamW (decoupled weight decay, amsgrad, maximize), as `torch.optim.AdamW`.";
+            AdamP: adamp::AdamPConfig as AdamP,
+                "AdamP: Adam with the step projected off scale-invariant weights.";
+            AdaBelief: adabelief::AdaBeliefConfig as AdaBelief,
+                "AdaBelief: Adam on the variance of the gradient around its EMA, RAdam-rectified.";
+            DiffGrad: diffgrad::DiffGradConfig as DiffGrad,
+                "diffGrad: Adam with a friction coefficient from the change of the gradient.";
+            Adan: adan::AdanConfig as Adan,
+                "Adan: adaptive Nesterov momentum (code-convention betas, proximal decay, global clipping).";
+            Lion: lion::LionConfig as Lion,
+                "Lion: sign of an interpolated momentum, decoupled decay.";
         }
     };
 }
+pub(crate) use algorithm_table;
+
+/// Declares, at the crate root, the re-export of every configuration type, the alias of every
+/// optimizer and the [`Algo`] enum (invoked once, in lib.rs).
+macro_rules! declare_algorithms {
+    ($($variant:ident: $module:ident::$config:ident as $alias:ident, $doc:literal;)*) => {
+        $(
+            pub use algorithms::$module::$config;
+            #[doc = $doc]
+            pub type $alias = Optim<$config>;
+        )*
+
+        /// Every optimizer of the crate, for choosing one at run time.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Algo {
+            $(
+                #[doc = $doc]
+                $variant,
+            )*
+        }
+
+        impl Algo {
+            /// All algorithms, in the crate's canonical order.
+            pub const ALL: &'static [Algo] = &[$(Algo::$variant),*];
+
+            /// Calls `visitor.visit::<Config>()` with this algorithm's configuration type.
+            pub fn visit<V: AlgoVisitor>(self, visitor: V) -> V::Output {
+                match self {
+                    $(Algo::$variant => visitor.visit::<$config>(),)*
+                }
+            }
+        }
+    };
+}
+pub(crate) use declare_algorithms;
+
+/// Code generic over an algorithm's configuration type, run for an [`Algo`] chosen at run time
+/// by [`Algo::visit`].
+///
+/// ```
+/// use candle_optim::{Algo, AlgoVisitor, Algorithm};
+/// struct Name;
+/// impl AlgoVisitor for Name {
+///     type Output = &'static str;
+///     fn visit<A: Algorithm>(self) -> &'static str {
+///         A::NAME
+///     }
+/// }
+/// assert_eq!(Algo::Lion.visit(Name), "lion");
+/// ```
+pub trait AlgoVisitor {
+    /// What the visit returns.
+    type Output;
+    /// Runs with `A`, the chosen algorithm's configuration type.
+    fn visit<A: Algorithm>(self) -> Self::Output;
+}
+
+use crate::Algo;
 
 impl Algo {
-    /// All algorithms, in the crate's canonical order.
-    pub const ALL: &'static [Algo] = &[
-        Algo::SgdSai,
-        Algo::AdamW,
-        Algo::AdamP,
-        Algo::AdaBelief,
-        Algo::DiffGrad,
-        Algo::Adan,
-        Algo::Lion,
-    ];
-
     /// The short name used in checkpoints, traces and command lines (`"sgd_sai"`).
     pub fn name(self) -> &'static str {
-        fn name<A: Algorithm>() -> &'static str {
-            A::NAME
+        struct V;
+        impl AlgoVisitor for V {
+            type Output = &'static str;
+            fn visit<A: Algorithm>(self) -> &'static str {
+                A::NAME
+            }
         }
-        dispatch!(self, name())
+        self.visit(V)
     }
 
     /// The algorithm called `name` (also accepts `-` for `_` and any letter case).
@@ -72,23 +115,78 @@ impl Algo {
 
     /// The official default learning rate.
     pub fn default_lr(self) -> f64 {
-        fn lr<A: Algorithm>() -> f64 {
-            A::default().lr()
+        struct V;
+        impl AlgoVisitor for V {
+            type Output = f64;
+            fn visit<A: Algorithm>(self) -> f64 {
+                A::default().lr()
+            }
         }
-        dispatch!(self, lr())
+        self.visit(V)
+    }
+
+    /// The hyperparameter names of this algorithm's configuration (the official names, as
+    /// `build_json` takes them).
+    pub fn hyperparameter_names(self) -> Vec<String> {
+        struct V;
+        impl AlgoVisitor for V {
+            type Output = Vec<String>;
+            fn visit<A: Algorithm>(self) -> Vec<String> {
+                match serde_json::to_value(A::default()) {
+                    Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+                    _ => Vec::new(),
+                }
+            }
+        }
+        self.visit(V)
+    }
+
+    /// State bytes per element for f32 parameters under the configuration `hyperparameters`
+    /// (see [`build_json`](Self::build_json)).
+    pub fn state_bytes_per_element(self, hyperparameters: &serde_json::Value) -> Result<usize> {
+        struct V<'a>(&'a serde_json::Value);
+        impl AlgoVisitor for V<'_> {
+            type Output = Result<usize>;
+            fn visit<A: Algorithm>(self) -> Result<usize> {
+                Ok(parse::<A>(self.0)?.slots().len() * 4)
+            }
+        }
+        self.visit(V(hyperparameters))
     }
 
     /// State bytes per element for f32 parameters under the default configuration.
     pub fn default_state_bytes_per_element(self) -> usize {
-        fn bytes<A: Algorithm>() -> usize {
-            A::default().slots().len() * 4
+        self.state_bytes_per_element(&serde_json::json!({}))
+            .unwrap_or_default()
+    }
+
+    /// Bytes one fused step must move (reads and writes of parameters, gradients and state)
+    /// for parameters of these shapes and dtypes, under the configuration `hyperparameters`:
+    /// the memory-traffic floor a benchmark divides by the time (ALGORITHMS.md §8).
+    pub fn step_traffic_bytes(
+        self,
+        hyperparameters: &serde_json::Value,
+        params: &[(Vec<usize>, DType)],
+    ) -> Result<usize> {
+        struct V<'a>(&'a serde_json::Value, &'a [(Vec<usize>, DType)]);
+        impl AlgoVisitor for V<'_> {
+            type Output = Result<usize>;
+            fn visit<A: Algorithm>(self) -> Result<usize> {
+                let config = parse::<A>(self.0)?;
+                Ok(self
+                    .1
+                    .iter()
+                    .map(|(shape, dt)| param_traffic_bytes(&config, shape, *dt))
+                    .sum())
+            }
         }
-        dispatch!(self, bytes())
+        self.visit(V(hyperparameters, params))
     }
 
     /// Builds a one-group optimizer over `vars` from hyperparameters given as JSON with the
     /// official names (`{"lr": 1e-3, "betas": [0.9, 0.999], ...}`); missing keys take the
-    /// defaults, unknown keys are ignored.
+    /// defaults; a key this algorithm does not have is an error, unless it is `null` or one of
+    /// PyTorch's implementation switches (`foreach`, `fused`, `capturable`, `differentiable`).
     pub fn build_json(
         self,
         vars: Vec<(String, Var)>,
@@ -105,22 +203,59 @@ impl Algo {
         hyperparameters: &serde_json::Value,
         no_decay_for_bias_and_norm: bool,
     ) -> Result<Box<dyn Optimizer>> {
-        fn go<A: Algorithm>(
-            vars: Vec<(String, Var)>,
-            hp: &serde_json::Value,
-            no_decay: bool,
-        ) -> Result<Box<dyn Optimizer>> {
-            let config: A = serde_json::from_value(hp.clone()).map_err(|e| {
-                Error::Unsupported(format!("{}: bad hyperparameters: {e}", A::NAME))
-            })?;
-            let mut b = OptimBuilder::new(config).named_vars(vars);
-            if no_decay {
-                b = b.no_decay_for_bias_and_norm();
+        struct V<'a>(Vec<(String, Var)>, &'a serde_json::Value, bool);
+        impl AlgoVisitor for V<'_> {
+            type Output = Result<Box<dyn Optimizer>>;
+            fn visit<A: Algorithm>(self) -> Result<Box<dyn Optimizer>> {
+                let mut b = OptimBuilder::new(parse::<A>(self.1)?).named_vars(self.0);
+                if self.2 {
+                    b = b.no_decay_for_bias_and_norm();
+                }
+                Ok(Box::new(b.build()?))
             }
-            Ok(Box::new(b.build()?))
         }
-        dispatch!(self, go(vars, hyperparameters, no_decay_for_bias_and_norm))
+        self.visit(V(vars, hyperparameters, no_decay_for_bias_and_norm))
     }
+}
+
+/// Constructor arguments of the reference implementations that choose how they run, not what
+/// they compute (this crate always runs one fused pass): accepted and ignored.
+const IMPLEMENTATION_KEYS: &[&str] = &[
+    "foreach",
+    "fused",
+    "capturable",
+    "differentiable",
+    "print_change_log",
+];
+
+/// A configuration from JSON with the official names: missing keys take the defaults; a key
+/// the algorithm does not have is an error unless its value is `null` (not set) or it only
+/// chooses how a reference implementation runs ([`IMPLEMENTATION_KEYS`]); the result is
+/// validated.
+fn parse<A: Algorithm>(hp: &serde_json::Value) -> Result<A> {
+    let known = serde_json::to_value(A::default())
+        .map_err(|e| Error::Unsupported(format!("{}: {e}", A::NAME)))?;
+    if let (Some(given), Some(known)) = (hp.as_object(), known.as_object()) {
+        let unknown = |(k, v): &(&String, &serde_json::Value)| {
+            !known.contains_key(*k) && !v.is_null() && !IMPLEMENTATION_KEYS.contains(&k.as_str())
+        };
+        if let Some((k, _)) = given.iter().find(unknown) {
+            let k: String = k.chars().take(64).collect();
+            return Err(Error::Unsupported(format!(
+                "{}: unknown hyperparameter `{k}` (known: {})",
+                A::NAME,
+                known.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    let mut hp = hp.clone();
+    if let (Some(given), Some(known)) = (hp.as_object_mut(), known.as_object()) {
+        given.retain(|k, _| known.contains_key(k));
+    }
+    let config: A = serde_json::from_value(hp)
+        .map_err(|e| Error::Unsupported(format!("{}: bad hyperparameters: {e}", A::NAME)))?;
+    config.validate()?;
+    Ok(config)
 }
 
 impl std::fmt::Display for Algo {

@@ -227,11 +227,14 @@ fn schedules_apply_per_group_keeping_ratios() {
     .unwrap();
     let mut lrs = Vec::new();
     for s in 0..5 {
-        opt.step(&grads_for(&vars, s)).unwrap();
+        // The rates the next step runs with; the configurations keep what was built.
         lrs.push((
-            opt.group_config(0).unwrap().lr,
-            opt.group_config(1).unwrap().lr,
+            opt.group_learning_rate(0).unwrap(),
+            opt.group_learning_rate(1).unwrap(),
         ));
+        opt.step(&grads_for(&vars, s)).unwrap();
+        assert_eq!(opt.group_config(0).unwrap().lr, 1e-2);
+        assert_eq!(opt.group_config(1).unwrap().lr, 5e-3);
     }
     let want = [1.0, 0.75, 0.5, 0.25, 0.0];
     for ((g0, g1), f) in lrs.iter().zip(want) {

@@ -15,7 +15,7 @@
 
 use crate::algorithm::{Algorithm, Kernel, ParamMeta, StepContext, Words};
 use crate::elem::{Elem, Real};
-use crate::error::{check_nonneg, check_range, Result};
+use crate::error::{check_nonneg, check_range, Error, Result};
 use serde::{Deserialize, Serialize};
 
 /// Which official version's per-tensor factor to use (ALGORITHMS.md §1.1).
@@ -229,6 +229,26 @@ impl Algorithm for SgdSaiConfig {
             one_minus_momentum: 1.0 - self.momentum,
             first: meta.fresh,
             grad_scale,
+        }
+    }
+
+    fn check_extra(extra: &SgdSaiParam) -> Result<()> {
+        // An f32 ratio of a norm to a std: finite, ≥ 0, representable in f32.
+        match extra.gsnr {
+            Some(g) if !(0.0..=f32::MAX as f64).contains(&g) => Err(Error::Checkpoint(format!(
+                "a g-SNR of {g} is not one an f32 gradient can have"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_global(global: &SgdSaiGlobal) -> Result<()> {
+        // The maximum divides every max-normalized rate: it must be > 0.
+        match global.gsnr_max {
+            Some(m) if !(m > 0.0 && m <= f32::MAX as f64) => Err(Error::Checkpoint(format!(
+                "a maximum g-SNR of {m} is not one a run can have"
+            ))),
+            _ => Ok(()),
         }
     }
 

@@ -1,0 +1,844 @@
+//! The one shared driver, [`Optim`], that runs every algorithm: parameter groups, lazy state,
+//! counters, gradient checks, the non-finite policy, clipping and schedules around one
+//! [`Algorithm`]'s fused update.
+//!
+//! A step is a plan: validate → finite check and clipping → prepare (step scalars, g-SNR) →
+//! allocate → apply → commit. Counters, the schedule position, newly created state and the
+//! algorithm's scalars are committed only once every group's update has run, so an error in
+//! any earlier phase leaves everything bitwise as it was.
+
+use crate::algorithm::{Algorithm, ParamMeta, PrepareEntry, StepContext};
+use crate::backend::{self, Work};
+use crate::error::{Error, Result};
+use crate::reduce::Reducer;
+use crate::schedule::Schedule;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+/// What a step does when a gradient holds NaN or infinity. The same for every algorithm.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NonFinitePolicy {
+    /// Do not look: NaN and infinity flow into parameters and state, as in PyTorch. Saves the
+    /// read pass over the gradients when no clipping is configured.
+    Propagate,
+    /// Skip the whole step: parameters, state, counters and schedule stay exactly as they were,
+    /// and the report says why (the default).
+    #[default]
+    SkipStep,
+    /// Fail the step with [`Error::NonFiniteGradient`]; nothing changes.
+    Error,
+}
+
+/// Why a step was skipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SkipReason {
+    /// A gradient held NaN or infinity (under [`NonFinitePolicy::SkipStep`]).
+    NonFiniteGradient {
+        /// The first parameter found with a non-finite gradient.
+        param: String,
+    },
+}
+
+/// What one call to `step` did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReport {
+    /// Whether the update was applied.
+    pub taken: bool,
+    /// Why it was not, if it was not.
+    pub skipped: Option<SkipReason>,
+    /// The global L2 norm of the gradients before clipping, when it was computed (clipping or
+    /// a non-finite check is configured).
+    pub grad_norm: Option<f64>,
+    /// The factor the gradients were scaled by (1 without clipping).
+    pub clip_scale: f64,
+    /// How many parameters were updated.
+    pub updated: usize,
+    /// The optimizer's step count after this call.
+    pub step: u64,
+}
+
+/// The state of one parameter, for inspection. The tensors share storage with the optimizer's
+/// state: they show later steps too, and they must not be handed back as gradients.
+#[derive(Clone, Debug)]
+pub struct ParamState {
+    /// Parameter name.
+    pub name: String,
+    /// Index of its group.
+    pub group: usize,
+    /// How many updates it has received.
+    pub step: u64,
+    /// The state tensors, by slot name (`exp_avg`, `exp_avg_sq`, `momentum_buffer`, ...).
+    pub slots: Vec<(&'static str, Tensor)>,
+    /// Per-parameter scalars (SGD-SaI: `gsnr`).
+    pub scalars: Vec<(&'static str, f64)>,
+}
+
+/// Optimizer-state bytes of one group in one dtype.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupMemory {
+    /// Group index.
+    pub group: usize,
+    /// The state tensors' dtype.
+    pub dtype: DType,
+    /// Parameters of the group with state in this dtype.
+    pub params: usize,
+    /// Bytes of state tensors.
+    pub bytes: usize,
+}
+
+/// A parameter handed to the builder: (name, variable, named by position).
+pub(crate) type PoolVar = (String, Var, bool);
+
+pub(crate) struct Param<A: Algorithm> {
+    pub name: String,
+    /// The name was made up from the parameter's position (`param.<i>`): the caller gave no
+    /// name, so a checkpoint can be matched to it only by shape (see [`crate::checkpoint`]).
+    pub positional: bool,
+    pub var: Var,
+    pub slots: Option<Vec<Tensor>>,
+    pub t: u64,
+    pub extra: A::ParamExtra,
+    pub fresh: bool,
+}
+
+pub(crate) struct Group<A: Algorithm> {
+    /// The group's configuration as built; its `lr` is never rewritten.
+    pub config: A,
+    /// This group's learning rate divided by the base rate (fixed at construction).
+    pub lr_ratio: f64,
+    pub params: Vec<Param<A>>,
+    pub step: u64,
+}
+
+/// The shared driver: parameter groups, lazy per-parameter state, counters, gradient checks,
+/// non-finite policy and clipping around one [`Algorithm`]'s fused update.
+///
+/// Use it through the aliases [`crate::AdamW`], [`crate::SgdSai`], ... .
+pub struct Optim<A: Algorithm> {
+    pub(crate) base: A,
+    pub(crate) groups: Vec<Group<A>>,
+    pub(crate) global: A::Global,
+    pub(crate) steps: u64,
+    /// The base learning rate set by the user; a schedule multiplies it. The one source of the
+    /// rate: a group's rate at a step is `peak_lr × schedule factor × lr_ratio`.
+    pub(crate) peak_lr: f64,
+    pub(crate) schedule: Option<Schedule>,
+    pub(crate) policy: NonFinitePolicy,
+    pub(crate) max_grad_norm: Option<f64>,
+    reducer: Reducer,
+}
+
+impl<A: Algorithm> std::fmt::Debug for Optim<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Optim")
+            .field("algorithm", &A::NAME)
+            .field("lr", &self.learning_rate())
+            .field("groups", &self.groups.len())
+            .field("params", &self.num_params())
+            .field("steps", &self.steps)
+            .finish()
+    }
+}
+
+fn storage_addr(t: &Tensor) -> usize {
+    let (s, _) = t.storage_and_layout();
+    &*s as *const candle_core::Storage as usize
+}
+
+fn state_dtype(param: DType) -> DType {
+    if param == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+impl<A: Algorithm> Optim<A> {
+    pub(crate) fn from_parts(
+        base: A,
+        groups: Vec<(A, Vec<PoolVar>)>,
+        policy: NonFinitePolicy,
+        max_grad_norm: Option<f64>,
+        schedule: Option<Schedule>,
+    ) -> Result<Self> {
+        base.validate()?;
+        if let Some(s) = &schedule {
+            s.validate()?;
+        }
+        if let Some(m) = max_grad_norm {
+            if !(m > 0.0 && m.is_finite()) {
+                return Err(Error::hyper("max_grad_norm", m, "must be finite and > 0"));
+            }
+        }
+        let base_lr = base.lr();
+        let groups = groups
+            .into_iter()
+            .map(|(config, vars)| {
+                config.validate()?;
+                Ok(Group {
+                    lr_ratio: lr_ratio(base_lr, config.lr())?,
+                    config,
+                    params: vars
+                        .into_iter()
+                        .map(|(name, var, positional)| Param {
+                            name,
+                            positional,
+                            var,
+                            slots: None,
+                            t: 0,
+                            extra: Default::default(),
+                            fresh: true,
+                        })
+                        .collect(),
+                    step: 0,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            peak_lr: base_lr,
+            schedule,
+            base,
+            groups,
+            global: Default::default(),
+            steps: 0,
+            policy,
+            max_grad_norm,
+            reducer: Reducer::new(),
+        })
+    }
+
+    /// The configuration the optimizer was built with.
+    pub fn config(&self) -> &A {
+        &self.base
+    }
+
+    /// The configuration of group `i`, as built (its `lr` is the group's rate at the base rate
+    /// the optimizer was built with; see [`group_learning_rate`](Self::group_learning_rate)).
+    pub fn group_config(&self, i: usize) -> Option<&A> {
+        self.groups.get(i).map(|g| &g.config)
+    }
+
+    /// The learning rate group `i` gets at the next step: the base rate in effect
+    /// ([`learning_rate`](Self::learning_rate)) times the group's ratio to the base rate.
+    pub fn group_learning_rate(&self, i: usize) -> Option<f64> {
+        let lr = self.learning_rate();
+        self.groups.get(i).map(|g| lr * g.lr_ratio)
+    }
+
+    /// Number of parameter groups.
+    pub fn num_groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Names of the parameters of group `i`.
+    pub fn group_param_names(&self, i: usize) -> Vec<&str> {
+        self.groups
+            .get(i)
+            .map(|g| g.params.iter().map(|p| p.name.as_str()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Number of parameters (tensors) across all groups.
+    pub fn num_params(&self) -> usize {
+        self.groups.iter().map(|g| g.params.len()).sum()
+    }
+
+    /// Number of scalar elements across all parameters.
+    pub fn num_elements(&self) -> usize {
+        self.params().map(|p| p.var.elem_count()).sum()
+    }
+
+    fn params(&self) -> impl Iterator<Item = &Param<A>> {
+        self.groups.iter().flat_map(|g| g.params.iter())
+    }
+
+    /// The non-finite policy.
+    pub fn non_finite_policy(&self) -> NonFinitePolicy {
+        self.policy
+    }
+
+    /// Sets the non-finite policy.
+    pub fn set_non_finite_policy(&mut self, policy: NonFinitePolicy) {
+        self.policy = policy;
+    }
+
+    /// The global gradient-norm clipping threshold, if any.
+    pub fn max_grad_norm(&self) -> Option<f64> {
+        self.max_grad_norm
+    }
+
+    /// Sets (or with `None` removes) global gradient-norm clipping.
+    pub fn set_max_grad_norm(&mut self, max: Option<f64>) -> Result<()> {
+        if let Some(m) = max {
+            if !(m > 0.0 && m.is_finite()) {
+                return Err(Error::hyper("max_grad_norm", m, "must be finite and > 0"));
+            }
+        }
+        self.max_grad_norm = max;
+        Ok(())
+    }
+
+    /// The base learning rate in effect at the next step: the peak rate times the schedule's
+    /// factor. Each group's rate is this times its ratio to the base rate.
+    pub fn learning_rate(&self) -> f64 {
+        self.peak_lr * self.schedule_factor()
+    }
+
+    /// The schedule's factor at the next step (1 without a schedule).
+    fn schedule_factor(&self) -> f64 {
+        self.schedule.as_ref().map_or(1.0, |s| s.factor(self.steps))
+    }
+
+    /// The peak learning rate (what [`set_learning_rate`](Self::set_learning_rate) set).
+    pub fn peak_learning_rate(&self) -> f64 {
+        self.peak_lr
+    }
+
+    /// Sets the peak learning rate; each group gets it times the schedule's factor times its
+    /// ratio to the base rate. A rate of 0 keeps the ratios: a later non-zero rate restores
+    /// every group's share.
+    pub fn set_learning_rate(&mut self, lr: f64) -> Result<()> {
+        crate::error::check_nonneg("lr", lr)?;
+        self.peak_lr = lr;
+        Ok(())
+    }
+
+    /// The learning-rate schedule, if any.
+    pub fn schedule(&self) -> Option<&Schedule> {
+        self.schedule.as_ref()
+    }
+
+    /// Sets (or with `None` removes) the learning-rate schedule. It takes effect from the next
+    /// step, at the current step count.
+    pub fn set_schedule(&mut self, schedule: Option<Schedule>) -> Result<()> {
+        if let Some(s) = &schedule {
+            s.validate()?;
+        }
+        self.schedule = schedule;
+        Ok(())
+    }
+
+    /// Steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.steps
+    }
+
+    /// Bytes of optimizer state held now: state tensors plus per-parameter scalars.
+    pub fn state_bytes(&self) -> usize {
+        self.params()
+            .map(|p| {
+                let tensors: usize = p
+                    .slots
+                    .iter()
+                    .flatten()
+                    .map(|s| s.elem_count() * s.dtype().size_in_bytes())
+                    .sum();
+                tensors + A::extra_scalars(&p.extra).len() * 4
+            })
+            .sum()
+    }
+
+    /// Bytes a fused step over every parameter must move (see [`Algorithm::traffic_bytes`]).
+    pub fn step_traffic_bytes(&self) -> usize {
+        self.groups
+            .iter()
+            .flat_map(|g| {
+                g.params
+                    .iter()
+                    .map(|p| param_traffic_bytes(&g.config, p.var.dims(), p.var.dtype()))
+            })
+            .sum()
+    }
+
+    /// State bytes per group and dtype (only parameters that have state).
+    pub fn memory_report(&self) -> Vec<GroupMemory> {
+        let mut out: Vec<GroupMemory> = Vec::new();
+        for (gi, g) in self.groups.iter().enumerate() {
+            for slots in g.params.iter().filter_map(|p| p.slots.as_ref()) {
+                let Some(dtype) = slots.first().map(|t| t.dtype()) else {
+                    continue;
+                };
+                let bytes: usize = slots
+                    .iter()
+                    .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                    .sum();
+                match out.iter_mut().find(|m| m.group == gi && m.dtype == dtype) {
+                    Some(m) => {
+                        m.params += 1;
+                        m.bytes += bytes;
+                    }
+                    None => out.push(GroupMemory {
+                        group: gi,
+                        dtype,
+                        params: 1,
+                        bytes,
+                    }),
+                }
+            }
+        }
+        out
+    }
+
+    /// State bytes per parameter element, as the configuration prescribes (AdamW: 8, 12 with
+    /// amsgrad; SGD-SaI: 4), for f32, bf16 and f16 parameters.
+    pub fn state_bytes_per_element(&self) -> f64 {
+        let n = self.num_elements();
+        if n == 0 {
+            return 0.0;
+        }
+        let bytes: usize = self
+            .groups
+            .iter()
+            .flat_map(|g| {
+                g.params
+                    .iter()
+                    .map(|p| g.config.slots().len() * 4 * p.var.elem_count())
+            })
+            .sum();
+        bytes as f64 / n as f64
+    }
+
+    /// The state of `var`, if it is one of this optimizer's parameters and has state.
+    pub fn state_of(&self, var: &Var) -> Option<ParamState> {
+        let id = var.id();
+        self.groups.iter().enumerate().find_map(|(gi, g)| {
+            g.params
+                .iter()
+                .find(|p| p.var.id() == id)
+                .map(|p| Self::view(gi, &g.config, p))
+        })
+    }
+
+    fn view(gi: usize, config: &A, p: &Param<A>) -> ParamState {
+        ParamState {
+            name: p.name.clone(),
+            group: gi,
+            step: p.t,
+            slots: match &p.slots {
+                Some(s) => config
+                    .slots()
+                    .iter()
+                    .copied()
+                    .zip(s.iter().cloned())
+                    .collect(),
+                None => Vec::new(),
+            },
+            scalars: A::extra_scalars(&p.extra),
+        }
+    }
+
+    /// The state of the parameter called `name`.
+    pub fn param_state(&self, name: &str) -> Option<ParamState> {
+        self.groups.iter().enumerate().find_map(|(gi, g)| {
+            g.params
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| Self::view(gi, &g.config, p))
+        })
+    }
+
+    /// Optimizer-wide scalars (SGD-SaI: `gsnr_max`).
+    pub fn global_scalars(&self) -> Vec<(&'static str, f64)> {
+        A::global_scalars(&self.global)
+    }
+
+    /// Zeroes all state in place and resets every counter: the optimizer then behaves like a
+    /// fresh one, except that the parameters keep their values.
+    pub fn reset_state(&mut self) -> Result<()> {
+        for g in &mut self.groups {
+            g.step = 0;
+            for p in &mut g.params {
+                if let Some(slots) = &p.slots {
+                    for s in slots {
+                        s.zero_set()?;
+                    }
+                }
+                p.t = 0;
+                p.extra = Default::default();
+                p.fresh = true;
+            }
+        }
+        self.global = Default::default();
+        Ok(())
+    }
+
+    /// Back-propagates `loss` and applies one update.
+    pub fn backward_step(&mut self, loss: &Tensor) -> Result<StepReport> {
+        let grads = loss.backward()?;
+        self.step(&grads)
+    }
+
+    /// Applies one update. Every gradient is checked against its parameter first; on any error
+    /// nothing has changed. Parameters without a gradient (and parameters with no elements)
+    /// are skipped entirely: no decay, no state change, their counters do not advance.
+    pub fn step(&mut self, grads: &GradStore) -> Result<StepReport> {
+        self.step_scaled(grads, 1.0)
+    }
+
+    /// Like [`step`](Self::step) with every gradient multiplied by `scale` (inside the fused
+    /// pass: nothing is allocated). Clipping and the reported norm see the scaled gradients.
+    /// [`crate::GradAccumulator`] uses it to average micro-batches.
+    pub fn step_scaled(&mut self, grads: &GradStore, scale: f64) -> Result<StepReport> {
+        // 1. Validate: hyperparameters, then every gradient against its parameter.
+        let present = self.validate(grads, scale)?;
+        let mut report = StepReport {
+            taken: false,
+            skipped: None,
+            grad_norm: None,
+            clip_scale: 1.0,
+            updated: present.iter().flatten().count(),
+            step: self.steps,
+        };
+        // 2. The non-finite check and clipping: one reduction over the gradients.
+        let Some(grad_scale) = self.check_and_clip(&present, scale, &mut report)? else {
+            return Ok(report);
+        };
+        // 3. Prepare, on copies: the algorithm's reductions (SGD-SaI's g-SNR, Adan's clipping)
+        //    and every parameter's step scalars.
+        let plan = self.prepare(&present, grad_scale)?;
+        // 4. Allocate the state that parameters at their first gradient need.
+        let new_slots = self.allocate(&present)?;
+        // 5. Apply: one fused pass per group.
+        self.apply(&present, &plan, &new_slots)?;
+        // 6. Commit.
+        self.commit(&present, plan, new_slots);
+        report.taken = true;
+        report.step = self.steps;
+        Ok(report)
+    }
+
+    /// Checks the hyperparameters and every gradient; returns each parameter's gradient (in
+    /// group order, contiguous), or `None` for parameters without one or without elements.
+    fn validate(&self, grads: &GradStore, scale: f64) -> Result<Vec<Option<Tensor>>> {
+        if !scale.is_finite() {
+            return Err(Error::hyper("scale", scale, "must be finite"));
+        }
+        crate::error::check_nonneg("lr", self.peak_lr)?;
+        for g in &self.groups {
+            g.config.validate()?;
+        }
+        // A gradient must not share storage with any parameter or state tensor: not only would
+        // the update read what it writes, the CUDA path holds gradients' read locks while it
+        // takes the write locks.
+        let owned: std::collections::HashSet<usize> = self
+            .params()
+            .flat_map(|p| std::iter::once(p.var.as_tensor()).chain(p.slots.iter().flatten()))
+            .map(storage_addr)
+            .collect();
+        let mut present = Vec::with_capacity(self.num_params());
+        for p in self.params() {
+            present.push(match grads.get(p.var.as_tensor()) {
+                Some(g) => {
+                    let g = check_grad(p, g, &owned)?;
+                    // Nothing to update; candle's in-place ops also reject some empty layouts.
+                    (p.var.elem_count() > 0).then_some(g)
+                }
+                None => None,
+            });
+        }
+        Ok(present)
+    }
+
+    /// The non-finite policy and clipping. `None`: the step is skipped (the report says why).
+    /// Otherwise the factor every gradient is multiplied by inside the fused pass.
+    fn check_and_clip(
+        &mut self,
+        present: &[Option<Tensor>],
+        scale: f64,
+        report: &mut StepReport,
+    ) -> Result<Option<f64>> {
+        if self.policy == NonFinitePolicy::Propagate && self.max_grad_norm.is_none() {
+            return Ok(Some(scale));
+        }
+        let grads: Vec<&Tensor> = present.iter().flatten().collect();
+        let stats = self.reducer.stats(&grads, false)?;
+        if self.policy != NonFinitePolicy::Propagate {
+            if let Some(i) = stats.iter().position(|s| !s.sum_sq.is_finite()) {
+                let param = self
+                    .params()
+                    .zip(present)
+                    .filter(|(_, g)| g.is_some())
+                    .nth(i)
+                    .map(|(p, _)| p.name.clone())
+                    .unwrap_or_default();
+                if self.policy == NonFinitePolicy::Error {
+                    return Err(Error::NonFiniteGradient { param });
+                }
+                report.updated = 0;
+                report.skipped = Some(SkipReason::NonFiniteGradient { param });
+                return Ok(None);
+            }
+        }
+        let norm = (stats.iter().map(|s| s.sum_sq).sum::<f64>() * (scale * scale)).sqrt();
+        report.grad_norm = Some(norm);
+        let mut grad_scale = scale;
+        if let Some(max) = self.max_grad_norm {
+            // torch.nn.utils.clip_grad_norm_: coef = max / (norm + 1e-6), clamped at 1.
+            report.clip_scale = (max / (norm + 1e-6)).min(1.0);
+            grad_scale *= report.clip_scale;
+        }
+        Ok(Some(grad_scale))
+    }
+
+    /// Runs the algorithm's `prepare` on copies of its scalars and computes every step scalar.
+    /// Nothing of the optimizer changes here.
+    fn prepare(&mut self, present: &[Option<Tensor>], grad_scale: f64) -> Result<Plan<A>> {
+        let mut global = self.global.clone();
+        let mut extras: Vec<A::ParamExtra> = self
+            .params()
+            .zip(present)
+            .filter(|(_, g)| g.is_some())
+            .map(|(p, _)| p.extra.clone())
+            .collect();
+        let grad_scale = {
+            let configs: Vec<&A> = self.groups.iter().map(|g| &g.config).collect();
+            let mut extra_it = extras.iter_mut();
+            let mut entries: Vec<PrepareEntry<'_, A>> = Vec::with_capacity(present.len());
+            let mut grad_it = present.iter();
+            for (gi, group) in self.groups.iter().enumerate() {
+                for p in &group.params {
+                    if let Some(Some(grad)) = grad_it.next() {
+                        entries.push(PrepareEntry {
+                            group: gi,
+                            name: &p.name,
+                            grad,
+                            extra: extra_it.next().expect("one extra per gradient"),
+                            fresh: p.fresh,
+                        });
+                    }
+                }
+            }
+            let mut ctx = StepContext {
+                base: &self.base,
+                groups: &configs,
+                entries: &mut entries,
+                grad_scale,
+                reducer: &mut self.reducer,
+            };
+            A::prepare(&mut global, &mut ctx)?;
+            ctx.grad_scale
+        };
+        let lr = self.learning_rate();
+        let mut kernels = Vec::with_capacity(extras.len());
+        let mut extra_it = extras.iter();
+        let mut grad_it = present.iter();
+        for group in &self.groups {
+            let group_lr = lr * group.lr_ratio;
+            for p in &group.params {
+                if let Some(Some(_)) = grad_it.next() {
+                    let meta = ParamMeta {
+                        name: &p.name,
+                        shape: p.var.shape(),
+                        lr: group_lr,
+                        t: counter(p.t)?,
+                        group_step: counter(group.step)?,
+                        fresh: p.fresh || needs_slots(p, &group.config),
+                    };
+                    let extra = extra_it.next().expect("one extra per gradient");
+                    kernels.push(group.config.kernel(&meta, extra, &global, grad_scale));
+                }
+            }
+        }
+        counter(self.steps)?;
+        Ok(Plan {
+            global,
+            extras,
+            kernels,
+        })
+    }
+
+    /// New zeroed state for every parameter with a gradient whose state is missing (or was
+    /// made for another slot count), in the order of `present`'s gradients.
+    fn allocate(&self, present: &[Option<Tensor>]) -> Result<Vec<Option<Vec<Tensor>>>> {
+        let mut out = Vec::new();
+        let mut grad_it = present.iter();
+        for group in &self.groups {
+            let nslots = group.config.slots().len();
+            for p in &group.params {
+                if let Some(Some(_)) = grad_it.next() {
+                    out.push(if needs_slots(p, &group.config) {
+                        let dt = state_dtype(p.var.dtype());
+                        Some(
+                            (0..nslots)
+                                .map(|_| crate::backend::cpu::state_zeros(p.var.as_tensor(), dt))
+                                .collect::<candle_core::Result<Vec<_>>>()?,
+                        )
+                    } else {
+                        None
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The fused update of every group. Everything that can be checked was checked before: an
+    /// error here comes from the device itself.
+    fn apply(
+        &self,
+        present: &[Option<Tensor>],
+        plan: &Plan<A>,
+        new_slots: &[Option<Vec<Tensor>>],
+    ) -> Result<()> {
+        let mut grad_it = present.iter();
+        let mut k = 0;
+        for group in &self.groups {
+            let mut work = Vec::with_capacity(group.params.len());
+            for p in &group.params {
+                let Some(Some(grad)) = grad_it.next() else {
+                    continue;
+                };
+                let slots = match &new_slots[k] {
+                    Some(s) => s.as_slice(),
+                    None => p.slots.as_deref().unwrap_or(&[]),
+                };
+                work.push(Work {
+                    param: p.var.as_tensor(),
+                    grad,
+                    slots,
+                    shape: p.var.shape(),
+                    kernel: plan.kernels[k],
+                });
+                k += 1;
+            }
+            backend::update(&work)?;
+        }
+        Ok(())
+    }
+
+    /// Commits a step whose update has run: counters, scalars and new state.
+    fn commit(
+        &mut self,
+        present: &[Option<Tensor>],
+        plan: Plan<A>,
+        new_slots: Vec<Option<Vec<Tensor>>>,
+    ) {
+        let mut grad_it = present.iter();
+        let mut extras = plan.extras.into_iter();
+        let mut new_slots = new_slots.into_iter();
+        for group in &mut self.groups {
+            group.step += 1;
+            for p in &mut group.params {
+                if let Some(Some(_)) = grad_it.next() {
+                    p.t += 1;
+                    p.fresh = false;
+                    p.extra = extras.next().expect("one extra per gradient");
+                    if let Some(Some(s)) = new_slots.next() {
+                        p.slots = Some(s);
+                    }
+                }
+            }
+        }
+        self.global = plan.global;
+        self.steps += 1;
+    }
+}
+
+/// What [`Optim::prepare`] computed for one step: the algorithm's scalars after it and every
+/// updated parameter's step scalars, in the order of the gradients.
+struct Plan<A: Algorithm> {
+    global: A::Global,
+    extras: Vec<A::ParamExtra>,
+    kernels: Vec<A::Kernel>,
+}
+
+/// Bytes one fused step moves for a parameter of this shape and dtype (state is f32, f64 for
+/// f64 parameters).
+pub(crate) fn param_traffic_bytes<A: Algorithm>(
+    config: &A,
+    shape: &[usize],
+    dtype: DType,
+) -> usize {
+    let n: usize = shape.iter().product();
+    config.traffic_bytes(n, shape.len(), dtype.size_in_bytes())
+}
+
+/// Whether `p` has no state yet, or state made for another slot count.
+fn needs_slots<A: Algorithm>(p: &Param<A>, config: &A) -> bool {
+    p.slots
+        .as_ref()
+        .is_none_or(|s| s.len() != config.slots().len())
+}
+
+/// `c + 1`, the count a step will commit, or an error where it would overflow.
+fn counter(c: u64) -> Result<u64> {
+    c.checked_add(1)
+        .ok_or_else(|| Error::Unsupported("a step counter is at its maximum".into()))
+}
+
+/// A group's learning rate as a ratio to the base rate. With a base rate of 0 a group's rate
+/// must be 0 too (its share of a later non-zero rate would be undefined).
+pub(crate) fn lr_ratio(base_lr: f64, group_lr: f64) -> Result<f64> {
+    if base_lr > 0.0 {
+        Ok(group_lr / base_lr)
+    } else if group_lr == 0.0 {
+        Ok(1.0)
+    } else {
+        Err(Error::hyper(
+            "lr",
+            group_lr,
+            "a group's rate is a multiple of the base rate, which is 0 here: build with the \
+             base rate > 0 and set it to 0 with set_learning_rate",
+        ))
+    }
+}
+
+/// Checks that `g` can be the gradient of `var` (called `name`): same shape, dtype and device.
+pub(crate) fn check_matches(name: &str, var: &Tensor, g: &Tensor) -> Result<()> {
+    if g.shape() != var.shape() {
+        return Err(Error::ShapeMismatch {
+            param: name.to_string(),
+            expected: var.shape().clone(),
+            grad: g.shape().clone(),
+        });
+    }
+    if g.dtype() != var.dtype() {
+        return Err(Error::DTypeMismatch {
+            param: name.to_string(),
+            expected: var.dtype(),
+            grad: g.dtype(),
+        });
+    }
+    if !g.device().same_device(var.device()) {
+        return Err(Error::DeviceMismatch {
+            param: name.to_string(),
+            expected: var.device().location(),
+            grad: g.device().location(),
+        });
+    }
+    Ok(())
+}
+
+fn check_grad<A: Algorithm>(
+    p: &Param<A>,
+    g: &Tensor,
+    owned: &std::collections::HashSet<usize>,
+) -> Result<Tensor> {
+    let var = p.var.as_tensor();
+    check_matches(&p.name, var, g)?;
+    if !var.is_contiguous() {
+        return Err(Error::NonContiguous {
+            param: p.name.clone(),
+        });
+    }
+    let g = if g.is_contiguous() {
+        g.clone()
+    } else {
+        g.contiguous()?
+    };
+    let ga = storage_addr(&g);
+    if owned.contains(&ga) {
+        let other = if ga == storage_addr(var) {
+            "the parameter itself"
+        } else {
+            "a parameter or optimizer state of this optimizer"
+        };
+        return Err(Error::Aliasing {
+            param: p.name.clone(),
+            other: other.into(),
+        });
+    }
+    Ok(g)
+}
