@@ -54,6 +54,7 @@ struct State<A: Algorithm> {
 #[serde(bound = "", deny_unknown_fields)]
 struct GroupState<A: Algorithm> {
     config: A,
+    lr_ratio: f64,
     step: u64,
     params: Vec<ParamState<A>>,
 }
@@ -200,6 +201,7 @@ impl<A: Algorithm> Optim<A> {
             }
             groups.push(GroupState::<A> {
                 config: g.config.clone(),
+                lr_ratio: g.lr_ratio,
                 step: g.step,
                 params,
             });
@@ -327,7 +329,14 @@ impl<A: Algorithm> Optim<A> {
         let mut new_slots: Vec<Vec<Option<Vec<Tensor>>>> = Vec::new();
         let mut used = 0usize;
         for (gi, (gs, g)) in state.groups.iter().zip(&self.groups).enumerate() {
-            ratios.push(crate::driver::lr_ratio(state.base.lr(), gs.config.lr())?);
+            let ratio = crate::driver::lr_ratio(state.base.lr(), gs.config.lr(), gs.lr_ratio)?;
+            if ratio.to_bits() != gs.lr_ratio.to_bits() {
+                return Err(corrupt(format!(
+                    "group {gi}: learning-rate ratio {} does not follow from its rate",
+                    gs.lr_ratio
+                )));
+            }
+            ratios.push(ratio);
             if gs.params.len() != g.params.len() {
                 return Err(mismatch(format!(
                     "group {gi} has {} parameters, this optimizer's has {}",

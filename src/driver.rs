@@ -158,7 +158,7 @@ fn state_dtype(param: DType) -> DType {
 impl<A: Algorithm> Optim<A> {
     pub(crate) fn from_parts(
         base: A,
-        groups: Vec<(A, Vec<PoolVar>)>,
+        groups: Vec<(A, f64, Vec<PoolVar>)>,
         policy: NonFinitePolicy,
         max_grad_norm: Option<f64>,
         schedule: Option<Schedule>,
@@ -175,10 +175,10 @@ impl<A: Algorithm> Optim<A> {
         let base_lr = base.lr();
         let groups = groups
             .into_iter()
-            .map(|(config, vars)| {
+            .map(|(config, lr_ratio, vars)| {
                 config.validate()?;
                 Ok(Group {
-                    lr_ratio: lr_ratio(base_lr, config.lr())?,
+                    lr_ratio,
                     config,
                     params: vars
                         .into_iter()
@@ -768,19 +768,29 @@ fn counter(c: u64) -> Result<u64> {
         .ok_or_else(|| Error::Unsupported("a step counter is at its maximum".into()))
 }
 
-/// A group's learning rate as a ratio to the base rate. With a base rate of 0 a group's rate
-/// must be 0 too (its share of a later non-zero rate would be undefined).
-pub(crate) fn lr_ratio(base_lr: f64, group_lr: f64) -> Result<f64> {
-    if base_lr > 0.0 {
-        Ok(group_lr / base_lr)
+/// A group's learning rate as a ratio to the base rate: `group_lr / base_lr`, or with a base
+/// rate of 0, `unit_lr` (the group's rate had the base rate been 1). A group with a rate of its
+/// own under a base rate of 0 has no defined share of a later non-zero rate: an error.
+pub(crate) fn lr_ratio(base_lr: f64, group_lr: f64, unit_lr: f64) -> Result<f64> {
+    let ratio = if base_lr > 0.0 {
+        group_lr / base_lr
     } else if group_lr == 0.0 {
-        Ok(1.0)
+        unit_lr
     } else {
-        Err(Error::hyper(
+        return Err(Error::hyper(
             "lr",
             group_lr,
             "a group's rate is a multiple of the base rate, which is 0 here: build with the \
              base rate > 0 and set it to 0 with set_learning_rate",
+        ));
+    };
+    if ratio.is_finite() && ratio >= 0.0 {
+        Ok(ratio)
+    } else {
+        Err(Error::hyper(
+            "lr",
+            ratio,
+            "a group's ratio to the base rate must be finite and >= 0",
         ))
     }
 }

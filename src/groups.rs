@@ -66,7 +66,7 @@ impl<A: Algorithm> Optim<A> {
 pub struct OptimBuilder<A: Algorithm> {
     base: A,
     pool: Vec<PoolVar>,
-    groups: Vec<(A, Vec<PoolVar>)>,
+    groups: Vec<(A, f64, Vec<PoolVar>)>,
     error: Option<Error>,
     policy: NonFinitePolicy,
     max_grad_norm: Option<f64>,
@@ -148,25 +148,29 @@ impl<A: Algorithm> OptimBuilder<A> {
 
     /// Moves every pooled parameter for which `pred(name, var)` holds into a new group, whose
     /// configuration is the base one changed by `overrides`.
-    pub fn group(
-        mut self,
-        pred: impl Fn(&str, &Var) -> bool,
-        overrides: impl FnOnce(&mut A),
-    ) -> Self {
+    pub fn group(mut self, pred: impl Fn(&str, &Var) -> bool, overrides: impl Fn(&mut A)) -> Self {
         let (take, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pool)
             .into_iter()
             .partition(|(n, v, _)| pred(n, v));
         self.pool = keep;
         let mut config = self.base.clone();
         overrides(&mut config);
-        self.groups.push((config, take));
+        // The group's rate as a ratio to the base rate. With a base rate of 0 the ratio is
+        // what `overrides` makes of a base rate of 1 (`c.lr *= 2.0` keeps its 2).
+        let mut unit = self.base.clone();
+        unit.set_lr(1.0);
+        overrides(&mut unit);
+        match crate::driver::lr_ratio(self.base.lr(), config.lr(), unit.lr()) {
+            Ok(ratio) => self.groups.push((config, ratio, take)),
+            Err(e) => self.fail(e),
+        }
         self
     }
 
     /// Moves the pooled parameters whose names match any of `patterns` (`*` and `?` wildcards;
     /// a plain name matches itself) into a new group. A pattern that matches no parameter is an
     /// error ([`Error::UnknownParameter`]) at [`build`](Self::build).
-    pub fn group_names(mut self, patterns: &[&str], overrides: impl FnOnce(&mut A)) -> Self {
+    pub fn group_names(mut self, patterns: &[&str], overrides: impl Fn(&mut A)) -> Self {
         let pats: Vec<wildmatch::WildMatch> = patterns
             .iter()
             .map(|p| wildmatch::WildMatch::new(p))
@@ -211,11 +215,11 @@ impl<A: Algorithm> OptimBuilder<A> {
         // Group 0 holds what no `group` call took (possibly nothing); group i + 1 is the i-th
         // `group` call's, so indices are predictable.
         let mut groups = Vec::with_capacity(self.groups.len() + 1);
-        groups.push((self.base.clone(), self.pool));
+        groups.push((self.base.clone(), 1.0, self.pool));
         groups.extend(self.groups);
         let mut names = HashSet::new();
         let mut ids = HashSet::new();
-        for (n, v, _) in groups.iter().flat_map(|(_, g)| g.iter()) {
+        for (n, v, _) in groups.iter().flat_map(|(_, _, g)| g.iter()) {
             if !names.insert(n.as_str()) || !ids.insert(v.id()) {
                 return Err(Error::DuplicateParameter(n.clone()));
             }
