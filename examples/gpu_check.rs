@@ -210,8 +210,15 @@ fn main() {
         let mut worst = 0f64;
         for (name, g) in &gpu_states {
             let Some((_, c)) = cpu_states.iter().find(|(n, _)| n == name) else {
+                println!("state of {name}: the CPU replay has none");
+                ok = false;
                 continue;
             };
+            if g.len() != c.len() || g.iter().zip(c).any(|(gp, cp)| gp.len() != cp.len()) {
+                println!("state of {name}: different parameter or slot counts on CUDA and CPU");
+                ok = false;
+                continue;
+            }
             let mut shown = 0;
             for (gp, cp) in g.iter().zip(c) {
                 for (gs, cs) in gp.iter().zip(cp) {
@@ -325,6 +332,11 @@ type RowTime = fn(&Row) -> f64;
 /// |a − b| ≤ 1e-5·(|b| + max|b|) (infinite for NaN); `bad(a, b)` is called for each element
 /// out of tolerance.
 fn compare(got: &[f32], want: &[f32], mut bad: impl FnMut(f32, f32)) -> f64 {
+    // A zip would compare only the common prefix.
+    if got.len() != want.len() {
+        println!("{} values compared with {}", got.len(), want.len());
+        return f64::INFINITY;
+    }
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
     let mut worst = 0f64;
     for (&a, &b) in got.iter().zip(want) {
@@ -369,6 +381,14 @@ fn large_launch_check(dev: &Device) -> (bool, String) {
             for ((name, vc), (_, vg)) in cpu.iter().zip(&gpu) {
                 let sc = oc.param_state(name).expect("state");
                 let sg = og.param_state(name).expect("state");
+                if sc.slots.len() != sg.slots.len() {
+                    println!(
+                        "{name}: {} slots on the CPU, {} on CUDA",
+                        sc.slots.len(),
+                        sg.slots.len()
+                    );
+                    ok = false;
+                }
                 let mut pairs = vec![(vc.as_tensor().clone(), vg.as_tensor().clone())];
                 pairs.extend(
                     sc.slots

@@ -1,10 +1,18 @@
 //! Gradient accumulation over micro-batches.
 
 use crate::driver::{check_matches, StepReport};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::optimizer::Optimizer;
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
+
+/// What [`GradAccumulator::add`] does to one buffer, prepared before any is changed.
+enum Update {
+    /// Add this contiguous gradient into the (contiguous, CPU) buffer in place.
+    AddInPlace(Tensor),
+    /// The buffer's new value.
+    Replace(Tensor),
+}
 
 /// How accumulated micro-batch gradients combine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,30 +73,60 @@ impl GradAccumulator {
         self.count
     }
 
-    /// Adds one micro-batch's gradients. Every gradient is checked first; on an error nothing
-    /// is added.
+    /// Adds one micro-batch's gradients. Every gradient is checked (shape, dtype, device;
+    /// f32, f64, bf16 or f16) and every allocation made before anything is added; on an error
+    /// nothing is added.
     pub fn add(&mut self, grads: &GradStore) -> Result<()> {
         for (i, v) in self.vars.iter().enumerate() {
             if let Some(g) = grads.get(v.as_tensor()) {
                 check_matches(&format!("#{i}"), v.as_tensor(), g)?;
+                if !matches!(
+                    g.dtype(),
+                    DType::F32 | DType::F64 | DType::BF16 | DType::F16
+                ) {
+                    return Err(Error::UnsupportedDType {
+                        param: format!("#{i}"),
+                        dtype: g.dtype(),
+                    });
+                }
             }
         }
-        for ((v, buf), seen) in self.vars.iter().zip(&mut self.bufs).zip(&mut self.seen) {
+        // Everything that allocates, so can fail, first; then only in-place adds into
+        // contiguous buffers of the checked dtype, and assignments.
+        let mut plan = Vec::with_capacity(self.vars.len());
+        for ((v, buf), seen) in self.vars.iter().zip(&self.bufs).zip(&self.seen) {
             let Some(g) = grads.get(v.as_tensor()) else {
+                plan.push(None);
                 continue;
             };
-            match buf {
+            plan.push(Some(match buf {
                 // In place on the CPU (a buffer zeroed by `reset` is added to as well).
                 Some(b) if matches!(b.device(), Device::Cpu) => {
-                    let g = if g.is_contiguous() {
+                    Update::AddInPlace(if g.is_contiguous() {
                         g.clone()
                     } else {
                         g.contiguous()?
-                    };
-                    crate::backend::cpu::add_assign(b, &g)?;
+                    })
                 }
-                Some(b) if *seen => *b = (&*b + g)?,
-                _ => *buf = Some(g.copy()?),
+                Some(b) if *seen => Update::Replace((b + g)?),
+                // An owned, contiguous copy: `copy` alone keeps a strided layout, which the
+                // in-place add cannot take.
+                _ => Update::Replace(if g.is_contiguous() {
+                    g.copy()?
+                } else {
+                    g.contiguous()?
+                }),
+            }));
+        }
+        for ((update, buf), seen) in plan.into_iter().zip(&mut self.bufs).zip(&mut self.seen) {
+            match update {
+                None => continue,
+                Some(Update::AddInPlace(g)) => {
+                    if let Some(b) = buf {
+                        crate::backend::cpu::add_assign(b, &g)?;
+                    }
+                }
+                Some(Update::Replace(t)) => *buf = Some(t),
             }
             *seen = true;
         }

@@ -112,7 +112,7 @@ impl Schedule {
                 if *steps == 0 {
                     1.0
                 } else {
-                    ((t + 1) as f64 / *steps as f64).min(1.0)
+                    (t.saturating_add(1) as f64 / *steps as f64).min(1.0)
                 }
             }
             Schedule::Cosine {
@@ -132,10 +132,12 @@ impl Schedule {
             } => {
                 if t < *warmup {
                     Schedule::LinearWarmup { steps: *warmup }.factor(t)
-                } else if t < warmup + stable {
+                } else if t < warmup.saturating_add(*stable) {
                     1.0
                 } else {
-                    let d = t - warmup - stable;
+                    // t >= warmup + stable, which did not saturate (else t < u64::MAX failed
+                    // above for every t but u64::MAX, where d = 0 is the saturated answer).
+                    let d = t - warmup.saturating_add(*stable);
                     if *cosine {
                         Schedule::Cosine {
                             steps: *decay,
@@ -154,10 +156,12 @@ impl Schedule {
             Schedule::Sequence { phases } => {
                 let mut start = 0u64;
                 for (i, ph) in phases.iter().enumerate() {
-                    if i + 1 == phases.len() || t < start + ph.steps {
+                    // Saturating: a length of u64::MAX means "forever"; phases after it are
+                    // never reached.
+                    if i + 1 == phases.len() || t < start.saturating_add(ph.steps) {
                         return ph.schedule.factor(t - start);
                     }
-                    start += ph.steps;
+                    start = start.saturating_add(ph.steps);
                 }
                 1.0
             }
@@ -263,5 +267,113 @@ mod tests {
             serde_json::from_str::<Schedule>(&json).unwrap(),
             Schedule::warmup_cosine(2, 10, 0.0)
         );
+    }
+
+    /// A length of u64::MAX means "forever": no step count overflows (which panics in debug
+    /// and, wrapped in release, jumped into the wrong phase or gave warmup factor 0).
+    #[test]
+    fn max_lengths_do_not_overflow() {
+        const M: u64 = u64::MAX;
+        let steps = [0, 1, 5, 10, 1000, M - 1, M];
+        let factors = |s: &Schedule| steps.map(|t| s.factor(t));
+
+        let w = Schedule::LinearWarmup { steps: 10 };
+        assert_eq!(factors(&w), [0.1, 0.2, 0.6, 1.0, 1.0, 1.0, 1.0]);
+        let w = Schedule::LinearWarmup { steps: M };
+        assert_eq!(w.factor(M - 1), 1.0);
+        assert_eq!(w.factor(M), 1.0);
+        assert!(w.factor(0) > 0.0);
+
+        for final_factor in [0.0, 0.5] {
+            let c = Schedule::Cosine {
+                steps: M,
+                final_factor,
+            };
+            assert_eq!(c.factor(0), 1.0);
+            assert_eq!(c.factor(M), final_factor);
+            let l = Schedule::Linear {
+                steps: M,
+                final_factor,
+            };
+            assert_eq!(l.factor(0), 1.0);
+            assert_eq!(l.factor(M), final_factor);
+        }
+
+        // Stable forever: after the warmup, 1 at every step.
+        for cosine in [false, true] {
+            let wsd = Schedule::WarmupStableDecay {
+                warmup: 10,
+                stable: M,
+                decay: 100,
+                final_factor: 0.0,
+                cosine,
+            };
+            assert_eq!(factors(&wsd), [0.1, 0.2, 0.6, 1.0, 1.0, 1.0, 1.0]);
+            assert!(wsd.validate().is_ok());
+        }
+        // Every length u64::MAX: warmup forever.
+        let wsd = Schedule::WarmupStableDecay {
+            warmup: M,
+            stable: M,
+            decay: M,
+            final_factor: 0.0,
+            cosine: false,
+        };
+        assert!(steps
+            .iter()
+            .all(|&t| wsd.factor(t) > 0.0 && wsd.factor(t) <= 1.0));
+        assert_eq!(wsd.factor(M - 1), 1.0);
+        assert!(wsd.validate().is_ok());
+
+        // A phase of u64::MAX steps in the middle: the phases after it are never reached.
+        let decay = Schedule::Linear {
+            steps: 4,
+            final_factor: 0.0,
+        };
+        let seq = Schedule::Sequence {
+            phases: vec![
+                Phase {
+                    steps: 5,
+                    schedule: decay.clone(),
+                },
+                Phase {
+                    steps: M,
+                    schedule: Schedule::Constant,
+                },
+                Phase {
+                    steps: M,
+                    schedule: decay.clone(),
+                },
+                Phase {
+                    steps: 0,
+                    schedule: decay.clone(),
+                },
+            ],
+        };
+        assert_eq!(factors(&seq), [1.0, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]);
+        assert!(seq.validate().is_ok());
+        let seq2 = Schedule::Sequence {
+            phases: vec![
+                Phase {
+                    steps: M,
+                    schedule: Schedule::LinearWarmup { steps: 10 },
+                },
+                Phase {
+                    steps: 3,
+                    schedule: decay.clone(),
+                },
+            ],
+        };
+        assert_eq!(factors(&seq2), [0.1, 0.2, 0.6, 1.0, 1.0, 1.0, 1.0]);
+
+        let prod = Schedule::Product {
+            factors: vec![seq, seq2, wsd],
+        };
+        assert_eq!(prod.factor(10), 1.0 * 1.0 * (11.0 / M as f64));
+        assert_eq!(prod.factor(M - 1), 1.0);
+        assert!(prod.validate().is_ok());
+        let wc = Schedule::warmup_cosine(M, M, 0.0);
+        assert_eq!(wc.factor(M - 1), 1.0);
+        assert!(wc.validate().is_ok());
     }
 }

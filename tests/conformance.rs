@@ -3,11 +3,14 @@
 //! checks every step against the per-case tolerance of the trace format
 //! (`|x − ref| ≤ rtol·(|ref| + S_i)`, g-SNR within `gsnr_rtol`).
 //!
-//! Prints one line per case and a summary line; fails if any case fails.
+//! Prints one line per case and a summary line; fails if any case fails, or if a damaged copy
+//! of a real trace is not rejected.
 
 mod replay;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 fn main() {
@@ -23,7 +26,105 @@ fn main() {
     });
     let (passed, failed, skipped, _) = replay::run_all(&files, &Device::Cpu, true);
     println!("conformance: {passed} passed, {failed} failed, {skipped} skipped");
-    if failed > 0 || passed + failed + skipped == 0 {
+    let damaged_ok = damaged_traces_fail(&dirs[0].join("adamw_pub_defaults.safetensors"));
+    if failed > 0 || passed + failed + skipped == 0 || !damaged_ok {
         std::process::exit(1);
     }
+}
+
+/// Replays damaged copies of the trace `file` (built in memory): each must fail the case, with
+/// a message, and the undamaged copy must pass. Returns whether all did as expected.
+fn damaged_traces_fail(file: &Path) -> bool {
+    let bytes = std::fs::read(file).expect("read the trace");
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).expect("trace header");
+    let case = &header.metadata().as_ref().expect("metadata")["case"];
+    let meta: Value = serde_json::from_str(case).expect("case metadata");
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).expect("tensors");
+    let steps = meta["steps"].as_u64().expect("steps");
+    assert!(steps >= 4 && meta["loop"] == "open");
+
+    type Damage = Box<dyn Fn(&mut Value, &mut HashMap<String, Tensor>)>;
+    let cases: Vec<(&str, bool, Damage)> = vec![
+        ("undamaged", true, Box::new(|_, _| {})),
+        (
+            "last recorded step of p1 dropped",
+            false,
+            Box::new(move |_, t| {
+                t.remove(&format!("p1.step.{steps}"));
+            }),
+        ),
+        (
+            "a gradient dropped",
+            false,
+            Box::new(|_, t| {
+                t.remove("p0.grad.2");
+            }),
+        ),
+        (
+            "`steps` one short of the recorded steps",
+            false,
+            Box::new(move |m, _| m["steps"] = json!(steps - 1)),
+        ),
+        (
+            "a recorded step after the last",
+            false,
+            Box::new(move |_, t| {
+                let x = t[&format!("p0.step.{steps}")].clone();
+                t.insert(format!("p0.step.{}", steps + 1), x);
+            }),
+        ),
+        (
+            "a recorded step truncated to half",
+            false,
+            Box::new(|_, t| {
+                let x = t["p0.step.3"].flatten_all().unwrap();
+                let half = x.narrow(0, 0, x.elem_count() / 2).unwrap();
+                t.insert("p0.step.3".into(), half);
+            }),
+        ),
+        (
+            "unknown hyperparameter",
+            false,
+            Box::new(|m, _| m["hyperparameters"]["amsgard"] = json!(true)),
+        ),
+        (
+            "unknown hyperparameter set to null",
+            false,
+            Box::new(|m, _| m["hyperparameters"]["nesterov"] = Value::Null),
+        ),
+        (
+            "one trajectory scale for two parameters",
+            false,
+            Box::new(|m, _| m["tolerance"]["trajectory_scale"] = json!([1.0])),
+        ),
+        (
+            "unknown loop kind",
+            false,
+            Box::new(|m, _| m["loop"] = json!("Open")),
+        ),
+    ];
+    let mut ok = true;
+    for (what, should_pass, damage) in cases {
+        let (mut m, mut t) = (meta.clone(), tensors.clone());
+        damage(&mut m, &mut t);
+        let info = HashMap::from([("case".to_string(), m.to_string())]);
+        let bytes = safetensors::serialize(t.iter().map(|(k, v)| (k.as_str(), v)), Some(info))
+            .expect("serialize");
+        // Only a failed case or an error rejects: a skipped case does not fail the run.
+        let (accepted, how) = match replay::run_trace(&bytes, &Device::Cpu) {
+            Ok((_, replay::Outcome::Passed(_), _)) => (true, "passed".to_string()),
+            Ok((_, replay::Outcome::Skipped(why), _)) => (true, format!("skipped ({why})")),
+            Ok((_, replay::Outcome::Failed { step, param, .. }, _)) => {
+                (false, format!("failed at step {step}, param {param}"))
+            }
+            Err(e) => (false, e.to_string()),
+        };
+        if accepted == should_pass {
+            println!("damaged-trace check ({what}): as expected, {how}");
+        } else {
+            println!("damaged-trace check ({what}): FAILED: {how}");
+            ok = false;
+        }
+    }
+    ok
 }

@@ -4,9 +4,12 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
-use candle_optim::Algo;
+use candle_optim::{
+    AdaBeliefConfig, AdamPConfig, AdamWConfig, AdanConfig, Algo, DiffGradConfig, LionConfig,
+    SgdSaiConfig,
+};
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 /// How one case went.
@@ -27,7 +30,10 @@ pub fn list_traces(dirs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
     for dir in dirs {
         let mut here: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| format!("cannot read trace directory {}: {e}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("cannot list trace directory {}: {e}", dir.display()))?
+            .into_iter()
             .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
             .collect();
         here.sort();
@@ -157,12 +163,26 @@ fn closed_grad(
     key: &str,
 ) -> Res<Vec<f32>> {
     let (r, c) = matrix_view(shape);
+    // `[c, k]`: the loss input's second dimension, checked against the parameter's view.
+    let input = |name: &str| -> Res<(Vec<f32>, usize)> {
+        let x = get(t, &format!("loss.{key}.{name}"))?;
+        match x.dims() {
+            &[rows, k] if rows == c && k > 0 => Ok((to_vec(x)?, k)),
+            d => Err(format!("loss.{key}.{name} has shape {d:?}, expected [{c}, k]").into()),
+        }
+    };
     match kind {
         "quadratic" => {
-            let a_t = &t[&format!("loss.{key}.A")];
-            let k = a_t.dims()[1];
-            let a = to_vec(a_t)?;
-            let b = to_vec(&t[&format!("loss.{key}.B")])?;
+            let (a, k) = input("A")?;
+            let b_t = get(t, &format!("loss.{key}.B"))?;
+            if b_t.dims() != [r, k] {
+                return Err(format!(
+                    "loss.{key}.B has shape {:?}, expected [{r}, {k}]",
+                    b_t.dims()
+                )
+                .into());
+            }
+            let b = to_vec(b_t)?;
             let mut res = matmul(m, &a, r, c, k);
             for (x, y) in res.iter_mut().zip(&b) {
                 *x -= y;
@@ -170,9 +190,7 @@ fn closed_grad(
             Ok(matmul(&res, &transpose(&a, c, k), r, k, c))
         }
         "scale_invariant_layer" | "scale_invariant_channel" => {
-            let x_t = &t[&format!("loss.{key}.X")];
-            let k = x_t.dims()[1];
-            let x = to_vec(x_t)?;
+            let (x, k) = input("X")?;
             let xt = transpose(&x, c, k);
             // The layer view is one row of length r·c only in the norms; Y = M X row by row.
             let y = matmul(m, &x, r, c, k);
@@ -204,10 +222,85 @@ fn scalar(list: &[(&'static str, f64)], name: &str) -> Option<f64> {
     list.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
 }
 
-/// Replays one trace on `device` (gradients computed on the host, uploaded each step).
+/// `t[name]`, or an error naming the missing tensor (indexing would panic the whole run).
+fn get<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> Res<&'a Tensor> {
+    t.get(name)
+        .ok_or_else(|| format!("trace has no tensor `{name}`").into())
+}
+
+/// The keys `algo`'s configuration serializes to (the official hyperparameter names).
+fn config_keys(algo: Algo) -> Res<BTreeSet<String>> {
+    fn keys<C: Default + serde::Serialize>() -> Res<BTreeSet<String>> {
+        let v = serde_json::to_value(C::default())?;
+        let o = v.as_object().ok_or("configuration is not a JSON object")?;
+        Ok(o.keys().cloned().collect())
+    }
+    match algo {
+        Algo::SgdSai => keys::<SgdSaiConfig>(),
+        Algo::AdamW => keys::<AdamWConfig>(),
+        Algo::AdamP => keys::<AdamPConfig>(),
+        Algo::AdaBelief => keys::<AdaBeliefConfig>(),
+        Algo::DiffGrad => keys::<DiffGradConfig>(),
+        Algo::Adan => keys::<AdanConfig>(),
+        Algo::Lion => keys::<LionConfig>(),
+    }
+}
+
+/// Fails on a hyperparameter the configuration has no field for: `build_json` ignores unknown
+/// keys, so a misspelled or unimplemented argument would otherwise replay with its default.
+/// Allowed without a field: the format's always-present `betas`, `eps`, `momentum` as `null`
+/// (not an argument of this optimizer), `foreach` (the reference's loop structure, same
+/// arithmetic) and `fused`/`print_change_log` when false.
+fn check_hyperparameter_keys(algo: Algo, hp: &Value) -> Res<()> {
+    let known = config_keys(algo)?;
+    let hp = hp
+        .as_object()
+        .ok_or("`hyperparameters` is missing or not an object")?;
+    let unknown: Vec<String> = hp
+        .iter()
+        .filter(|(k, v)| {
+            !known.contains(*k)
+                && !match k.as_str() {
+                    "betas" | "eps" | "momentum" => v.is_null(),
+                    "foreach" => v.is_boolean(),
+                    "fused" | "print_change_log" => **v == Value::Bool(false),
+                    _ => false,
+                }
+        })
+        .map(|(k, v)| format!("{k} = {v}"))
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("unknown hyperparameters for {algo}: {}", unknown.join(", ")).into())
+    }
+}
+
+fn usize_field(v: &Value, what: &str) -> Res<usize> {
+    Ok(v.as_u64()
+        .ok_or(format!("`{what}` is missing or not an integer"))? as usize)
+}
+
+fn f64_field(v: &Value, what: &str) -> Res<f64> {
+    v.as_f64()
+        .ok_or_else(|| format!("`{what}` is missing or not a number").into())
+}
+
+fn str_field<'a>(v: &'a Value, what: &str) -> Res<&'a str> {
+    v.as_str()
+        .ok_or_else(|| format!("`{what}` is missing or not a string").into())
+}
+
+/// Replays one trace file on `device` (gradients computed on the host, uploaded each step).
 pub fn run_case(file: &Path, device: &Device) -> Res<(String, Outcome, State)> {
-    let bytes = std::fs::read(file)?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    run_trace(&std::fs::read(file)?, device)
+}
+
+/// Replays one trace given as the bytes of its `.safetensors` file. A trace that does not
+/// follow the format (a missing or extra tensor, a shape that differs from its parameter's,
+/// an unknown hyperparameter, a list of the wrong length) is an error, never truncated.
+pub fn run_trace(bytes: &[u8], device: &Device) -> Res<(String, Outcome, State)> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)?;
     let meta: Value = serde_json::from_str(
         header
             .metadata()
@@ -215,9 +308,20 @@ pub fn run_case(file: &Path, device: &Device) -> Res<(String, Outcome, State)> {
             .and_then(|m| m.get("case"))
             .ok_or("no `case` metadata")?,
     )?;
-    let name = meta["name"].as_str().unwrap_or("?").to_string();
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
-    let opt_name = meta["optimizer"].as_str().ok_or("no optimizer")?;
+    let name = str_field(&meta["name"], "name")?.to_string();
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)?;
+    let opt_name = str_field(&meta["optimizer"], "optimizer")?;
+    let family = meta["family"].as_str().unwrap_or("fp32");
+    if family != "fp32" {
+        return Ok((
+            name,
+            Outcome::Skipped(format!("family {family} is not implemented")),
+            Vec::new(),
+        ));
+    }
+    if meta["format_version"].as_u64() != Some(1) {
+        return Err(format!("format_version {} of an fp32 trace", meta["format_version"]).into());
+    }
     let Some(algo) = Algo::from_name(opt_name) else {
         return Ok((
             name,
@@ -225,47 +329,153 @@ pub fn run_case(file: &Path, device: &Device) -> Res<(String, Outcome, State)> {
             Vec::new(),
         ));
     };
-    let steps = meta["steps"].as_u64().ok_or("no steps")? as usize;
+    check_hyperparameter_keys(algo, &meta["hyperparameters"])?;
+    let steps = usize_field(&meta["steps"], "steps")?;
+    if steps == 0 {
+        return Err("`steps` is 0".into());
+    }
     let params = meta["params"].as_array().ok_or("no params")?;
     let tol = &meta["tolerance"];
-    let rtol = tol["rtol"].as_f64().ok_or("no rtol")?;
-    let gsnr_rtol = tol["gsnr_rtol"].as_f64().unwrap_or(1e-5);
+    let rtol = f64_field(&tol["rtol"], "tolerance.rtol")?;
+    let gsnr_rtol = f64_field(&tol["gsnr_rtol"], "tolerance.gsnr_rtol")?;
     let scales: Vec<f64> = tol["trajectory_scale"]
         .as_array()
         .ok_or("no trajectory_scale")?
         .iter()
-        .map(|v| v.as_f64().unwrap_or(0.0))
-        .collect();
-    let closed = meta["loop"].as_str() == Some("closed");
+        .map(|v| f64_field(v, "tolerance.trajectory_scale[i]"))
+        .collect::<Res<_>>()?;
+    if scales.len() != params.len() {
+        return Err(format!(
+            "{} trajectory scales for {} parameters",
+            scales.len(),
+            params.len()
+        )
+        .into());
+    }
+    let closed = match str_field(&meta["loop"], "loop")? {
+        "open" => false,
+        "closed" => true,
+        other => return Err(format!("unknown loop {other:?}").into()),
+    };
     let restarts: Vec<u64> = meta["restart_after_steps"]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
-        .unwrap_or_default();
-    let terms: HashMap<String, String> = meta["loop_detail"]["terms"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|t| {
-                    (
-                        t["param"].as_str().unwrap_or("").to_string(),
-                        t["kind"].as_str().unwrap_or("").to_string(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+        .ok_or("no restart_after_steps")?
+        .iter()
+        .map(|v| usize_field(v, "restart_after_steps[i]").map(|t| t as u64))
+        .collect::<Res<_>>()?;
+    let mut terms: HashMap<String, String> = HashMap::new();
+    if closed {
+        for t in meta["loop_detail"]["terms"]
+            .as_array()
+            .ok_or("closed loop without loop_detail.terms")?
+        {
+            let param = str_field(&t["param"], "terms[i].param")?;
+            let kind = str_field(&t["kind"], "terms[i].kind")?;
+            if terms.insert(param.into(), kind.into()).is_some() {
+                return Err(format!("two loss terms for {param}").into());
+            }
+        }
+        if terms.len() != params.len() {
+            return Err(
+                format!("{} loss terms for {} parameters", terms.len(), params.len()).into(),
+            );
+        }
+    }
+    let sgd_sai = opt_name == "sgd_sai";
+    let max_normalized = sgd_sai && meta["hyperparameters"]["gsnr_mode"] == "max_normalized";
 
+    // Exactly the tensors the format lists for this case: none missing, none left unused.
+    let mut expected = BTreeSet::new();
     let mut vars = Vec::new();
     let mut shapes = Vec::new();
     for (i, p) in params.iter().enumerate() {
-        let key = p["key"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or(format!("p{i}"));
-        let init = &tensors[&format!("{key}.init")];
-        shapes.push(init.dims().to_vec());
+        let key = str_field(&p["key"], "params[i].key")?.to_string();
+        if key != format!("p{i}") {
+            return Err(format!("parameter {i} has key {key:?}, expected \"p{i}\"").into());
+        }
+        let init = get(&tensors, &format!("{key}.init"))?;
+        let shape: Vec<usize> = p["shape"]
+            .as_array()
+            .ok_or(format!("{key}: no shape"))?
+            .iter()
+            .map(|d| usize_field(d, "params[i].shape"))
+            .collect::<Res<_>>()?;
+        if init.dims() != shape.as_slice() {
+            return Err(format!(
+                "{key}.init has shape {:?}, params says {shape:?}",
+                init.dims()
+            )
+            .into());
+        }
+        expected.insert(format!("{key}.init"));
+        expected.insert(format!("{key}.final"));
+        for t in 1..=steps {
+            expected.insert(format!("{key}.step.{t}"));
+            if !closed {
+                expected.insert(format!("{key}.grad.{t}"));
+            }
+        }
+        if closed {
+            match terms.get(&key).map(String::as_str) {
+                Some("quadratic") => {
+                    expected.insert(format!("loss.{key}.A"));
+                    expected.insert(format!("loss.{key}.B"));
+                }
+                Some("scale_invariant_layer" | "scale_invariant_channel") => {
+                    expected.insert(format!("loss.{key}.X"));
+                }
+                Some(other) => return Err(format!("{key}: unknown loss term kind {other}").into()),
+                None => return Err(format!("{key}: no loss term").into()),
+            }
+        }
+        if sgd_sai {
+            expected.insert(format!("{key}.gsnr"));
+        }
+        shapes.push(shape);
         vars.push((key, Var::from_tensor(&init.to_device(device)?)?));
     }
+    if max_normalized {
+        expected.insert("gsnr_max".into());
+    }
+    let present: BTreeSet<String> = tensors.keys().cloned().collect();
+    let missing: Vec<_> = expected.difference(&present).collect();
+    let extra: Vec<_> = present.difference(&expected).collect();
+    if !missing.is_empty() || !extra.is_empty() {
+        return Err(format!("tensors missing: {missing:?}; not in the format: {extra:?}").into());
+    }
+    for (name, t) in &tensors {
+        let want = if name.starts_with("loss.") {
+            continue;
+        } else if name.ends_with(".gsnr") || name == "gsnr_max" {
+            &[][..]
+        } else {
+            let i: usize = name[1..name.find('.').unwrap_or(name.len())].parse()?;
+            shapes[i].as_slice()
+        };
+        if t.dims() != want || t.dtype() != candle_core::DType::F32 {
+            return Err(format!(
+                "{name} is {:?} {:?}, expected {:?} {want:?}",
+                t.dtype(),
+                t.dims(),
+                candle_core::DType::F32
+            )
+            .into());
+        }
+    }
+    for (key, _) in &vars {
+        let (last, fin) = (
+            to_vec(get(&tensors, &format!("{key}.step.{steps}"))?)?,
+            to_vec(get(&tensors, &format!("{key}.final"))?)?,
+        );
+        if last
+            .iter()
+            .map(|x| x.to_bits())
+            .ne(fin.iter().map(|x| x.to_bits()))
+        {
+            return Err(format!("{key}.final differs from {key}.step.{steps}").into());
+        }
+    }
+
     let mut opt = algo.build_json(vars.clone(), &meta["hyperparameters"])?;
 
     let mut worst = 0f64;
@@ -273,19 +483,24 @@ pub fn run_case(file: &Path, device: &Device) -> Res<(String, Outcome, State)> {
         let mut grads = GradStore::default();
         for (i, (key, var)) in vars.iter().enumerate() {
             let g = if closed {
-                let kind = terms.get(key).ok_or("no loss term")?;
                 let m = to_vec(var.as_tensor())?;
-                let g = closed_grad(kind, &m, &shapes[i], &tensors, key)?;
+                let g = closed_grad(&terms[key], &m, &shapes[i], &tensors, key)?;
                 Tensor::from_vec(g, shapes[i].as_slice(), device)?
             } else {
-                tensors[&format!("{key}.grad.{t}")].to_device(device)?
+                get(&tensors, &format!("{key}.grad.{t}"))?.to_device(device)?
             };
             grads.insert(var.as_tensor(), g);
         }
         opt.step(&grads)?;
         for (i, (key, var)) in vars.iter().enumerate() {
             let x = to_vec(var.as_tensor())?;
-            let r = to_vec(&tensors[&format!("{key}.step.{t}")])?;
+            let r = to_vec(get(&tensors, &format!("{key}.step.{t}"))?)?;
+            // Shapes were checked above; a zip must never compare a prefix.
+            if x.len() != r.len() {
+                return Err(
+                    format!("{key}: {} values, {key}.step.{t} has {}", x.len(), r.len()).into(),
+                );
+            }
             let mut err = 0f64;
             for (a, b) in x.iter().zip(&r) {
                 let e = (*a as f64 - *b as f64).abs() / (rtol * ((*b as f64).abs() + scales[i]));
@@ -312,23 +527,20 @@ pub fn run_case(file: &Path, device: &Device) -> Res<(String, Outcome, State)> {
         if restarts.contains(&(t as u64)) {
             opt.reset_state()?;
         }
-        if t == 1 && opt_name == "sgd_sai" {
+        if t == 1 && sgd_sai {
             // Raw g-SNR per tensor, and the maximum for max_normalized, fixed at step 1.
             let mut checks = Vec::new();
             for (i, (key, _)) in vars.iter().enumerate() {
                 let got = opt
                     .param_state(key)
                     .and_then(|s| scalar(&s.scalars, "gsnr"));
-                checks.push((
-                    i,
-                    "g-SNR",
-                    got,
-                    to_vec(&tensors[&format!("{key}.gsnr")])?[0] as f64,
-                ));
+                let want = get(&tensors, &format!("{key}.gsnr"))?.to_scalar::<f32>()?;
+                checks.push((i, "g-SNR", got, want as f64));
             }
-            if let Some(want) = tensors.get("gsnr_max") {
+            if max_normalized {
                 let got = scalar(&opt.global_scalars(), "gsnr_max");
-                checks.push((0, "g-SNR maximum", got, to_vec(want)?[0] as f64));
+                let want = get(&tensors, "gsnr_max")?.to_scalar::<f32>()?;
+                checks.push((0, "g-SNR maximum", got, want as f64));
             }
             for (param, what, got, want) in checks {
                 let got = got.ok_or(format!("no {what} reported"))?;
@@ -356,14 +568,13 @@ pub fn run_case(file: &Path, device: &Device) -> Res<(String, Outcome, State)> {
     let state = vars
         .iter()
         .map(|(key, _)| {
-            opt.param_state(key)
-                .map(|s| {
-                    s.slots
-                        .iter()
-                        .map(|(_, t)| to_vec(t))
-                        .collect::<Res<Vec<_>>>()
-                })
-                .unwrap_or_else(|| Ok(Vec::new()))
+            let s = opt
+                .param_state(key)
+                .ok_or(format!("no optimizer state for {key}"))?;
+            s.slots
+                .iter()
+                .map(|(_, t)| to_vec(t))
+                .collect::<Res<Vec<_>>>()
         })
         .collect::<Res<State>>()?;
     Ok((name, Outcome::Passed(worst), state))
