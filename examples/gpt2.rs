@@ -451,7 +451,7 @@ fn run(args: Args) -> Result<()> {
                 "Optimizer: {} (lr {:.1e}, weight decay {}, warmup + cosine schedule, clipping at 1).",
                 algo.name(),
                 args.lr.unwrap_or_else(|| default_lr(algo, args.preset)),
-                args.weight_decay * if algo == Algo::Lion { 10.0 } else { 1.0 }
+                args.weight_decay * common::weight_decay_factor(algo)
             );
             let (_, task) = run_one(
                 &args,

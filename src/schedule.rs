@@ -20,7 +20,7 @@ use std::f64::consts::PI;
 
 /// A learning-rate multiplier as a function of the step count.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Schedule {
     /// Always 1.
     Constant,
@@ -70,6 +70,7 @@ pub enum Schedule {
 
 /// One phase of a [`Schedule::Sequence`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Phase {
     /// Steps in this phase (ignored for the last phase).
     pub steps: u64,

@@ -198,7 +198,7 @@ fn state_bytes_are_what_the_algorithm_needs() {
         );
         opt.step(&grads_for(&vars, 1, DType::F32)).unwrap();
         let elems = 64 * 32 + 32;
-        let scalars = if e.algo == Algo::SgdSai { 2 * 4 } else { 0 }; // one g-SNR per tensor
+        let scalars = 2 * scalar_bytes_per_tensor(e.algo);
         assert_eq!(
             opt.state_bytes(),
             e.state_bytes * elems + scalars,

@@ -164,14 +164,12 @@ fn split_build(
         }
         Box::new(b.build().unwrap())
     }
-    use candle_optim::*;
-    match algo {
-        Algo::SgdSai => go::<SgdSaiConfig>(hyper, vars, split),
-        Algo::AdamW => go::<AdamWConfig>(hyper, vars, split),
-        Algo::AdamP => go::<AdamPConfig>(hyper, vars, split),
-        Algo::AdaBelief => go::<AdaBeliefConfig>(hyper, vars, split),
-        Algo::DiffGrad => go::<DiffGradConfig>(hyper, vars, split),
-        Algo::Adan => go::<AdanConfig>(hyper, vars, split),
-        Algo::Lion => go::<LionConfig>(hyper, vars, split),
+    struct Split<'a>(&'a serde_json::Value, &'a [(String, Var)], &'a [usize]);
+    impl candle_optim::AlgoVisitor for Split<'_> {
+        type Output = Box<dyn candle_optim::Optimizer>;
+        fn visit<A: candle_optim::Algorithm>(self) -> Self::Output {
+            go::<A>(self.0, self.1, self.2)
+        }
     }
+    algo.visit(Split(hyper, vars, split))
 }

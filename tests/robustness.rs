@@ -247,6 +247,10 @@ fn checkpoints_are_validated_like_construction() {
                 Box::new(|s| s["bogus"] = json!(1)),
             ),
             (
+                "unknown schedule field",
+                Box::new(|s| s["schedule"] = json!({"kind": "constant", "bogus": 1})),
+            ),
+            (
                 "missing parameter field",
                 Box::new(|s| {
                     s["groups"][0]["params"][0]

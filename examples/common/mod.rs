@@ -115,6 +115,20 @@ pub fn example_lr(algo: Algo) -> f64 {
     }
 }
 
+/// The factor the examples' weight decay is multiplied by for `algo`: Lion's smaller steps
+/// want a larger decay (its authors' recipe: 3–10× AdamW's), the others take it as given.
+pub fn weight_decay_factor(algo: Algo) -> f64 {
+    match algo {
+        Algo::Lion => 10.0,
+        Algo::SgdSai
+        | Algo::AdamW
+        | Algo::AdamP
+        | Algo::AdaBelief
+        | Algo::DiffGrad
+        | Algo::Adan => 1.0,
+    }
+}
+
 /// Builds `algo` over every float variable of `varmap` with learning rate `lr` and weight decay
 /// `wd` (none for biases and norm gains); other hyperparameters take the official defaults.
 pub fn make_optimizer(
@@ -128,8 +142,7 @@ pub fn make_optimizer(
         data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     };
     vars.sort_by(|a, b| a.0.cmp(&b.0));
-    // Lion and the examples' decoupled-decay optimizers take wd as given; Lion wants more.
-    let wd = if algo == Algo::Lion { wd * 10.0 } else { wd };
+    let wd = wd * weight_decay_factor(algo);
     let hyper = json!({"lr": lr, "weight_decay": wd});
     algo.build_with(vars, &hyper, true)
 }

@@ -41,88 +41,83 @@ fn with(mut a: Vec<Value>, b: Vec<Value>) -> Vec<Value> {
 
 /// Every algorithm with its default options, plus the option variants that change the state.
 pub fn table() -> Vec<Entry> {
-    vec![
-        Entry {
-            algo: Algo::SgdSai,
-            label: "sgd_sai",
-            hyper: json!({}),
-            state_bytes: 4,
-            invalid: with(
-                bad_common(),
-                vec![
-                    json!({"momentum": 1.0}),
-                    json!({"momentum": -0.5}),
-                    json!({"eps": -1e-8}),
-                ],
+    Algo::ALL.iter().flat_map(|&a| entries(a)).collect()
+}
+
+/// One algorithm's entries. An exhaustive match: a new algorithm in the crate's table does not
+/// compile until it is given its entries here.
+fn entries(algo: Algo) -> Vec<Entry> {
+    let entry = |label, hyper, state_bytes, invalid| Entry {
+        algo,
+        label,
+        hyper,
+        state_bytes,
+        invalid,
+    };
+    match algo {
+        Algo::SgdSai => vec![
+            entry(
+                "sgd_sai",
+                json!({}),
+                4,
+                with(
+                    bad_common(),
+                    vec![
+                        json!({"momentum": 1.0}),
+                        json!({"momentum": -0.5}),
+                        json!({"eps": -1e-8}),
+                    ],
+                ),
             ),
-        },
-        Entry {
-            algo: Algo::SgdSai,
-            label: "sgd_sai_no_momentum",
-            hyper: json!({"momentum": 0.0}),
-            state_bytes: 0,
-            invalid: vec![],
-        },
-        Entry {
-            algo: Algo::AdamW,
-            label: "adamw",
-            hyper: json!({}),
-            state_bytes: 8,
-            invalid: with(
-                with(bad_common(), bad_betas2()),
-                vec![json!({"eps": -1e-8})],
+            entry("sgd_sai_no_momentum", json!({"momentum": 0.0}), 0, vec![]),
+        ],
+        Algo::AdamW => vec![
+            entry(
+                "adamw",
+                json!({}),
+                8,
+                with(
+                    with(bad_common(), bad_betas2()),
+                    vec![json!({"eps": -1e-8})],
+                ),
             ),
-        },
-        Entry {
-            algo: Algo::AdamW,
-            label: "adamw_amsgrad",
-            hyper: json!({"amsgrad": true}),
-            state_bytes: 12,
-            invalid: vec![],
-        },
-        Entry {
-            algo: Algo::AdamP,
-            label: "adamp",
-            hyper: json!({"weight_decay": 0.01}),
-            state_bytes: 8,
-            invalid: with(
+            entry("adamw_amsgrad", json!({"amsgrad": true}), 12, vec![]),
+        ],
+        Algo::AdamP => vec![entry(
+            "adamp",
+            json!({"weight_decay": 0.01}),
+            8,
+            with(
                 with(bad_common(), bad_betas2()),
                 vec![json!({"eps": -1.0}), json!({"delta": -0.1})],
             ),
-        },
-        Entry {
-            algo: Algo::AdaBelief,
-            label: "adabelief",
-            hyper: json!({}),
-            state_bytes: 8,
-            invalid: with(
-                with(bad_common(), bad_betas2()),
-                vec![json!({"eps": -1e-16})],
+        )],
+        Algo::AdaBelief => vec![
+            entry(
+                "adabelief",
+                json!({}),
+                8,
+                with(
+                    with(bad_common(), bad_betas2()),
+                    vec![json!({"eps": -1e-16})],
+                ),
             ),
-        },
-        Entry {
-            algo: Algo::AdaBelief,
-            label: "adabelief_amsgrad",
-            hyper: json!({"amsgrad": true}),
-            state_bytes: 12,
-            invalid: vec![],
-        },
-        Entry {
-            algo: Algo::DiffGrad,
-            label: "diffgrad",
-            hyper: json!({"weight_decay": 0.01}),
-            state_bytes: 12,
-            invalid: with(
+            entry("adabelief_amsgrad", json!({"amsgrad": true}), 12, vec![]),
+        ],
+        Algo::DiffGrad => vec![entry(
+            "diffgrad",
+            json!({"weight_decay": 0.01}),
+            12,
+            with(
                 with(bad_common(), bad_betas2()),
                 vec![json!({"eps": -1e-8})],
             ),
-        },
-        Entry {
-            algo: Algo::Adan,
-            label: "adan",
-            hyper: json!({"weight_decay": 0.02, "max_grad_norm": 1.0}),
-            state_bytes: 16,
-            invalid: with(
+        )],
+        Algo::Adan => vec![entry(
+            "adan",
+            json!({"weight_decay": 0.02, "max_grad_norm": 1.0}),
+            16,
+            with(
                 bad_common(),
                 vec![
                     json!({"betas": [0.98, 0.92, 1.0]}),
@@ -131,15 +126,22 @@ pub fn table() -> Vec<Entry> {
                     json!({"eps": -1e-8}),
                 ],
             ),
-        },
-        Entry {
-            algo: Algo::Lion,
-            label: "lion",
-            hyper: json!({"weight_decay": 0.1}),
-            state_bytes: 4,
-            invalid: with(bad_common(), bad_betas2()),
-        },
-    ]
+        )],
+        Algo::Lion => vec![entry(
+            "lion",
+            json!({"weight_decay": 0.1}),
+            4,
+            with(bad_common(), bad_betas2()),
+        )],
+    }
+}
+
+/// Bytes of per-tensor scalars an algorithm keeps besides its state tensors (exhaustive).
+pub fn scalar_bytes_per_tensor(algo: Algo) -> usize {
+    match algo {
+        Algo::SgdSai => 4, // the g-SNR
+        Algo::AdamW | Algo::AdamP | Algo::AdaBelief | Algo::DiffGrad | Algo::Adan | Algo::Lion => 0,
+    }
 }
 
 /// Deterministic pseudo-random values in [-1, 1).
