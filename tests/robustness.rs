@@ -248,7 +248,10 @@ fn checkpoints_are_validated_like_construction() {
             ),
             (
                 "unknown schedule field",
-                Box::new(|s| s["schedule"] = json!({"kind": "constant", "bogus": 1})),
+                Box::new(|s| {
+                    s["schedule"] =
+                        json!({"kind": "linear", "steps": 4, "final_factor": 0.0, "bogus": 1})
+                }),
             ),
             (
                 "missing parameter field",
