@@ -8,7 +8,7 @@
 //!     [--skip-candle-nn]
 //! ```
 //!
-//! Effective GB/s is the bytes each step must move (`Optimizer::step_traffic_bytes`: params,
+//! Effective GB/s is the bytes each step must move (`Algo::step_traffic_bytes`: params,
 //! grads and state, read and written) over the median time; "% triad" compares it with the
 //! triad measured in the same run with the same threads.
 //!
