@@ -348,11 +348,24 @@ impl Ours {
             opts.push((format!("{}_fused", algo.name()), opt));
             bytes.push(b);
             if algo == Algo::AdamW && skip_step_row {
-                // The default policy (SkipStep) reads every gradient once more first.
-                let mut opt = algo.build_json(vars.clone(), &hyper)?;
-                opt.set_non_finite_policy(NonFinitePolicy::SkipStep);
-                opts.push(("adamw_fused_skipstep".into(), opt));
-                bytes.push(b);
+                // What the non-finite check and clipping cost: the default policy (SkipStep)
+                // reads every gradient once more first; with clipping that one pass also
+                // gives the norm.
+                for (name, policy, clip) in [
+                    ("adamw_fused_skipstep", NonFinitePolicy::SkipStep, None),
+                    ("adamw_fused_clip", NonFinitePolicy::Propagate, Some(1.0)),
+                    (
+                        "adamw_fused_skipstep_clip",
+                        NonFinitePolicy::SkipStep,
+                        Some(1.0),
+                    ),
+                ] {
+                    let mut opt = algo.build_json(vars.clone(), &hyper)?;
+                    opt.set_non_finite_policy(policy);
+                    opt.set_max_grad_norm(clip)?;
+                    opts.push((name.into(), opt));
+                    bytes.push(b);
+                }
             }
         }
         for (_, opt) in &mut opts {
