@@ -179,7 +179,7 @@ impl<A: Algorithm> Optim<A> {
                     for (slot, t) in g.config.slots().iter().zip(slots) {
                         let mut b = blob(t)?;
                         b.shape = t.dims().to_vec();
-                        tensors.push((format!("{}/{}", p.name, slot), b));
+                        tensors.push((format!("{}/{}", p.name, slot.name), b));
                     }
                 }
                 params.push(ParamState::<A> {
@@ -350,7 +350,7 @@ impl<A: Algorithm> Optim<A> {
                 };
                 let mut slots = Vec::new();
                 for slot in gs.config.slots() {
-                    let key = format!("{}/{}", p.name, slot);
+                    let key = format!("{}/{}", p.name, slot.name);
                     let view = st
                         .tensor(&key)
                         .map_err(|_| mismatch(format!("no state tensor `{key}`")))?;

@@ -30,7 +30,7 @@
 mod accumulate;
 pub mod algorithm;
 pub mod algorithms;
-pub mod backend;
+mod backend;
 pub mod checkpoint;
 pub mod elem;
 mod error;
@@ -56,6 +56,13 @@ pub use optimizer::{
 };
 pub use registry::Algo;
 pub use schedule::{Phase, Schedule};
+
+/// Benchmark-only knobs for `examples/bench.rs` (the SIMD level of the CPU loops). Not part of
+/// the API: hidden from the docs, and may change or go away in any release.
+#[doc(hidden)]
+pub mod bench_internals {
+    pub use crate::backend::simd;
+}
 
 /// The README's examples, compiled and run as doctests.
 #[doc = include_str!("../README.md")]

@@ -1,10 +1,11 @@
 //! The [`Optimizer`] trait and the one shared driver, [`Optim`], that runs every algorithm.
 
 use crate::algorithm::{Algorithm, ParamMeta, PrepareEntry, StepContext};
+use crate::backend::DeviceReducer as Reducer;
 use crate::backend::{self, Work};
 use crate::error::{Error, Result};
 use crate::groups::OptimBuilder;
-use crate::reduce::Reducer;
+use crate::reduce::Reducer as _;
 use crate::schedule::Schedule;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -495,7 +496,7 @@ impl<A: Algorithm> Optim<A> {
                 Some(s) => config
                     .slots()
                     .iter()
-                    .copied()
+                    .map(|s| s.name)
                     .zip(s.iter().cloned())
                     .collect(),
                 None => Vec::new(),

@@ -6,9 +6,10 @@
 //! every slot at once and runs the single loop. No shared reference is ever written through.
 
 use super::{simd, Work};
-use crate::algorithm::{Kernel, Slots};
+use crate::algorithm::{Execution, Kernel, Slots};
 use crate::elem::{Elem, Real};
 use crate::error::{Error, Result};
+use crate::reduce::GradStats;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Storage, Tensor};
 use half::{bf16, f16};
@@ -77,7 +78,7 @@ impl<K: Kernel> ParamOp<'_, '_, K> {
                     );
                 }
             }
-            w.kernel.update_cpu(&mut *p, g, slots, w.shape);
+            <K::Execution as Execution<K>>::update_cpu(&w.kernel, &mut *p, g, slots, w.shape);
             Ok(())
         })
     }
@@ -242,7 +243,7 @@ impl<K: Kernel, P: Elem> simd::Task for Apply<'_, '_, K, P> {
 
 /// Applies `k` to a whole tensor, split into runs of at least `GRAIN` (32Ki) elements over the
 /// current rayon pool (run inline when the pool has one thread).
-pub fn par_apply<K: Kernel, P: Elem>(k: &K, p: &mut [P], g: &[P], s: Slots<'_, P::Math>) {
+pub(crate) fn par_apply<K: Kernel, P: Elem>(k: &K, p: &mut [P], g: &[P], s: Slots<'_, P::Math>) {
     apply_rec(k, p, g, s, leaf_len(p.len()));
 }
 
@@ -306,7 +307,7 @@ pub(crate) const REDUCE_GRAIN: usize = 1 << 16;
 
 /// Reduces `x` with a fixed split tree that depends only on `x.len()`, so the result is the
 /// same bit for bit whatever the number of threads or the scheduling.
-pub fn par_reduce<T: Sync, R: Send>(
+pub(crate) fn par_reduce<T: Sync, R: Send>(
     x: &[T],
     leaf: &(impl Fn(&[T]) -> R + Sync),
     combine: &(impl Fn(R, R) -> R + Sync),
@@ -403,17 +404,6 @@ impl<P: Elem> simd::Task for CenteredSq<'_, P> {
 
 fn add2(a: (f64, f64), b: (f64, f64)) -> (f64, f64) {
     (a.0 + b.0, a.1 + b.1)
-}
-
-/// Statistics of one gradient tensor, accumulated in f64.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct GradStats {
-    /// Number of elements.
-    pub n: usize,
-    /// Σx².
-    pub sum_sq: f64,
-    /// Σ(x - mean)² from a second pass (two-pass variance); `None` when not asked for.
-    pub centered_sq: Option<f64>,
 }
 
 fn stats_of<P: Elem>(x: &[P], centered: bool) -> GradStats {
