@@ -591,8 +591,7 @@ impl<A: Algorithm> Optim<A> {
         let mut grad_scale = scale;
         if self.policy != NonFinitePolicy::Propagate || self.max_grad_norm.is_some() {
             let stats = self.reducer.stats(&present, false)?;
-            let total: f64 = stats.iter().map(|s| s.sum_sq).sum::<f64>() * (scale * scale);
-            if !total.is_finite() && self.policy != NonFinitePolicy::Propagate {
+            if stats.iter().any(|s| !s.all_finite) && self.policy != NonFinitePolicy::Propagate {
                 let names = self
                     .params()
                     .zip(&found)
@@ -600,7 +599,7 @@ impl<A: Algorithm> Optim<A> {
                     .map(|(p, _)| p.name.clone());
                 let param = names
                     .zip(&stats)
-                    .find(|(_, s)| !s.sum_sq.is_finite())
+                    .find(|(_, s)| !s.all_finite)
                     .map(|(n, _)| n)
                     .unwrap_or_default();
                 if self.policy == NonFinitePolicy::Error {
@@ -610,7 +609,7 @@ impl<A: Algorithm> Optim<A> {
                 report.skipped = Some(SkipReason::NonFiniteGradient { param });
                 return Ok(report);
             }
-            let norm = total.sqrt();
+            let norm = crate::reduce::global_norm(&stats, scale);
             report.grad_norm = Some(norm);
             if let Some(max) = self.max_grad_norm {
                 // torch.nn.utils.clip_grad_norm_: coef = max / (norm + 1e-6), clamped at 1.

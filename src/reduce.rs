@@ -15,6 +15,39 @@ pub struct GradStats {
     pub sum_sq: f64,
     /// Σ(x - mean)² from a second pass (two-pass variance); `None` when not asked for.
     pub centered_sq: Option<f64>,
+    /// Whether every element is finite: exact, computed in the same pass as Σx² (which can
+    /// overflow to +∞ for finite f64 values above ~1e154).
+    pub all_finite: bool,
+    /// (s, Σ(x/s)²) with Σx² = s²·Σ(x/s)²: `(1, sum_sq)`, except when `sum_sq` overflowed with
+    /// every element finite; then s = max |x|, so the norm is still right ([`GradStats::norm`]).
+    pub scaled: (f64, f64),
+}
+
+impl GradStats {
+    /// ‖x‖₂, finite for finite elements even where Σx² overflows.
+    pub fn norm(&self) -> f64 {
+        self.scaled.0 * self.scaled.1.sqrt()
+    }
+}
+
+/// The global 2-norm of several tensors whose elements are multiplied by `scale`:
+/// `sqrt(Σ sum_sq · scale²)`, and where that overflows with every element finite, the same norm
+/// from the rescaled sums (so clipping sees the right norm). Non-finite when an element is.
+pub fn global_norm(stats: &[GradStats], scale: f64) -> f64 {
+    let total: f64 = stats.iter().map(|s| s.sum_sq).sum::<f64>() * (scale * scale);
+    if total.is_finite() || stats.iter().any(|s| !s.all_finite) {
+        return total.sqrt();
+    }
+    // Per-tensor norms are finite; combine them relative to the largest.
+    let m = stats.iter().map(GradStats::norm).fold(0.0, f64::max);
+    let sum: f64 = stats
+        .iter()
+        .map(|s| {
+            let r = s.norm() / m;
+            r * r
+        })
+        .sum();
+    m * sum.sqrt() * scale.abs()
 }
 
 /// Computes gradient statistics on the gradients' device. Results are accumulated in f64 and

@@ -426,7 +426,7 @@ pub(crate) fn grad_stats(grads: &[&Tensor], centered: bool) -> Result<Vec<GradSt
             let cent = function(dev, "reduce", &format!("centered_{sfx}"))?;
             let fin = function(dev, "reduce", "reduce_partials")?;
             let t = sel.len();
-            let (s, q, c) = with_read_ptrs(&sel, &stream, |ptrs| {
+            let (z, q, c) = with_read_ptrs(&sel, &stream, |ptrs| {
                 let mut entries: Vec<Entry> = ptrs
                     .iter()
                     .zip(&n)
@@ -458,8 +458,10 @@ pub(crate) fn grad_stats(grads: &[&Tensor], centered: bool) -> Result<Vec<GradSt
                         unsafe { b.launch(grid(t)) }.w()?;
                         Ok(stream.clone_dtoh(&total).w()?)
                     };
-                let sq = reduce(&sums, &entries, 2)?;
-                let (s, q): (Vec<f64>, Vec<f64>) = sq.chunks(2).map(|c| (c[0], c[1])).unzip();
+                let sqz = reduce(&sums, &entries, 3)?;
+                let s: Vec<f64> = sqz.chunks(3).map(|c| c[0]).collect();
+                let q: Vec<f64> = sqz.chunks(3).map(|c| c[1]).collect();
+                let z: Vec<f64> = sqz.chunks(3).map(|c| c[2]).collect();
                 let c = if centered {
                     for (e, (&s, &n)) in entries.iter_mut().zip(s.iter().zip(&n)) {
                         e.w[0] = if n == 0 { 0.0 } else { s / n as f64 };
@@ -468,14 +470,22 @@ pub(crate) fn grad_stats(grads: &[&Tensor], centered: bool) -> Result<Vec<GradSt
                 } else {
                     None
                 };
-                Ok((s, q, c))
+                Ok((z, q, c))
             })?;
-            let _ = s;
             for (k, &i) in idx.iter().enumerate() {
+                let all_finite = !z[k].is_nan();
+                // Finite values whose Σx² overflowed (f64 only, rare): rescale on the host.
+                let scaled = if all_finite && !q[k].is_finite() {
+                    super::cpu::grad_stats(&sel[k].to_device(&Device::Cpu)?, false)?.scaled
+                } else {
+                    (1.0, q[k])
+                };
                 out[i] = Some(GradStats {
                     n: n[k] as usize,
                     sum_sq: q[k],
                     centered_sq: c.as_ref().map(|c| c[k]),
+                    all_finite,
+                    scaled,
                 });
             }
         }
