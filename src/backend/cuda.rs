@@ -22,10 +22,9 @@ use candle_core::{
 use std::cell::RefCell;
 use std::sync::Arc;
 
-/// Elements per block-chunk (`CO_CHUNK`).
-pub(crate) const CHUNK: usize = 16384;
-/// Threads per block (`CO_THREADS`).
-pub(crate) const THREADS: u32 = 256;
+pub(crate) use super::kernel_abi::{CHUNK, THREADS};
+use super::kernel_abi::{ENTRY_BYTES, MAX_SLOTS, WORDS};
+
 /// Tensors per launch. Each holds a nested in-place op (one per parameter and slot) while the
 /// launch is enqueued; this bounds that nesting. GPT-2 small (148 tensors) takes 3 launches.
 pub(crate) const MAX_TENSORS: usize = 64;
@@ -56,21 +55,22 @@ pub(crate) fn dtype_suffix(d: DType) -> Result<&'static str> {
     })
 }
 
-/// A row of the tensor table (`TensorEntry` in `kernels/common.cuh`: 26 words of 8 bytes).
+/// A row of the tensor table (`TensorEntry` in `kernels/common.cuh`: [`ENTRY_BYTES`] bytes).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Entry {
     pub p: u64,
     pub g: u64,
-    pub s: [u64; 4],
+    pub s: [u64; MAX_SLOTS],
     pub n: u64,
     pub rows: u64,
     pub row_len: u64,
     pub off: u64,
-    pub w: [f64; 16],
+    pub w: [f64; WORDS],
 }
 
-/// Words per [`Entry`].
-const ENTRY_WORDS: usize = 26;
+/// Words per [`Entry`] as uploaded (`TensorEntry` is `CO_ENTRY_BYTES`, from the same constant).
+const ENTRY_WORDS: usize = ENTRY_BYTES / 8;
+const _: () = assert!(ENTRY_WORDS == 2 + MAX_SLOTS + 4 + WORDS);
 
 impl Entry {
     fn push_to(&self, out: &mut Vec<u64>) {

@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::WrapErr;
 
-/// Elements per warp segment (`ADAMP_SEG`) and warps per block.
-const SEG: u64 = 1024;
+// Elements per warp segment (`ADAMP_SEG`) and warps per block.
+use super::kernel_abi::ROW_SEG as SEG;
 const WARPS: u64 = THREADS as u64 / 32;
 
 pub(crate) fn update<K: Kernel>(items: &[Work<'_, K>]) -> Result<()> {

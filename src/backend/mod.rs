@@ -8,6 +8,8 @@ pub(crate) mod cpu;
 pub(crate) mod cuda;
 #[cfg(feature = "cuda")]
 mod cuda_rows;
+#[cfg(feature = "cuda")]
+mod kernel_abi;
 mod rows;
 pub mod simd;
 
