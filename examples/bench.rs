@@ -28,7 +28,7 @@ mod common;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_optim::backend::simd;
+use candle_optim::bench_internals::simd;
 use candle_optim::{Algo, NonFinitePolicy};
 use clap::Parser;
 use rayon::prelude::*;

@@ -17,7 +17,7 @@
 // Tensors of rank < 2 take adamp_plain (no projection).
 #include "common.cuh"
 
-#define ADAMP_SEG 1024
+#define ADAMP_SEG CO_ROW_SEG
 #define ADAMP_WARPS (CO_THREADS / 32)
 
 template <typename M> struct AdamPScalars {

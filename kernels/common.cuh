@@ -12,10 +12,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#define CO_CHUNK 16384
-#define CO_THREADS 256
-#define CO_MAX_SLOTS 4
-#define CO_WORDS 16
+// CO_CHUNK, CO_THREADS, CO_MAX_SLOTS, CO_WORDS, CO_ENTRY_BYTES, CO_ROW_SEG: generated from
+// src/backend/kernel_abi.rs, the host's own constants.
+#include "abi.cuh"
 
 struct TensorEntry {
   unsigned long long p, g, s[CO_MAX_SLOTS];
@@ -25,7 +24,7 @@ struct TensorEntry {
   unsigned long long off;      // AdamP: index of the tensor's first row in the row buffers
   double w[CO_WORDS];
 };
-static_assert(sizeof(TensorEntry) == 208, "TensorEntry layout is shared with src/backend/cuda.rs");
+static_assert(sizeof(TensorEntry) == CO_ENTRY_BYTES, "TensorEntry layout is shared with src/backend/cuda.rs");
 
 struct BlockEntry {
   unsigned int tensor;

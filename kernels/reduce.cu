@@ -5,23 +5,28 @@
 // from w[0].
 #include "common.cuh"
 
-// out[2b] = Σx, out[2b+1] = Σx² over block b's chunk, in double.
+// out[3b] = Σx, out[3b+1] = Σx², out[3b+2] = Σx·0 over block b's chunk, in double. The last
+// is ±0 when every element is finite and NaN otherwise: an exact finiteness test in the same
+// pass (Σx² can overflow for finite doubles).
 template <typename P>
 __device__ void sums(const TensorEntry* __restrict__ ts, const BlockEntry* __restrict__ bs,
                      double* __restrict__ out) {
   CO_TENSOR(t)
   const P* __restrict__ x = (const P*)t.p;
-  double s = 0.0, q = 0.0;
+  double s = 0.0, q = 0.0, z = 0.0;
   CO_LOOP(t, i) {
     const double v = (double)Elem<P>::load(x[i]);
     s += v;
     q += v * v;
+    z += v * 0.0;
   }
   s = block_sum(s);
   q = block_sum(q);
+  z = block_sum(z);
   if (threadIdx.x == 0) {
-    out[2 * blockIdx.x] = s;
-    out[2 * blockIdx.x + 1] = q;
+    out[3 * blockIdx.x] = s;
+    out[3 * blockIdx.x + 1] = q;
+    out[3 * blockIdx.x + 2] = z;
   }
 }
 

@@ -3,10 +3,20 @@
 //! An algorithm is its per-group configuration type: it validates itself, names its state slots,
 //! computes its step scalars in f64 ([`Algorithm::kernel`]) and supplies the per-element rule
 //! ([`Kernel::apply`]). Parameter groups, lazy state, counters, gradient checks, clipping,
-//! schedules, checkpoints and the CPU/CUDA execution all live once in the driver.
+//! schedules, checkpoints and the CPU/CUDA execution all live once in the driver and the
+//! backend.
+//!
+//! A kernel declares its *execution strategy* ([`Kernel::Execution`]): how the backends run its
+//! rule. The algorithm supplies only math; threads, SIMD dispatch and launches belong to the
+//! backend, which implements [`Execution`] for each strategy:
+//!
+//! * [`ElementWise`]: every element independently ([`Kernel::apply`] over chunks);
+//! * [`RowProjected`]: two passes with per-row reductions between them ([`RowRule`], AdamP).
+//!
+//! A strategy whose update is a matrix iteration per weight (Muon) is one more marker type and
+//! one more variant of [`ExecutionKind`], implemented by the backend.
 
-use crate::backend::cpu;
-use crate::elem::Elem;
+use crate::elem::{Elem, Real};
 use crate::error::Result;
 use crate::reduce::Reducer;
 use arrayvec::ArrayVec;
@@ -16,6 +26,16 @@ use std::fmt::Debug;
 
 /// Most state tensors any algorithm keeps per parameter (Adan: m, n, d, q).
 pub const MAX_SLOTS: usize = 4;
+
+/// One state tensor kept per parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// Its name in checkpoints and [`crate::ParamState`] (the reference implementation's).
+    pub name: &'static str,
+    /// Whether it can hold negative values: a quantized format needs the signed map for these
+    /// and may use the unsigned one for the others (ALGORITHMS.md §12.3).
+    pub signed: bool,
+}
 
 /// The state slices of one parameter (or of one chunk of it), in [`Algorithm::slots`] order.
 pub type Slots<'a, F> = ArrayVec<&'a mut [F], MAX_SLOTS>;
@@ -50,31 +70,97 @@ pub type Words = ArrayVec<f64, 16>;
 /// the compute type once per chunk, outside the element loop. The same scalars drive the CUDA
 /// kernel ([`Kernel::words`]), so the CPU and GPU paths share one definition.
 pub trait Kernel: Copy + Send + Sync + Debug + Sized + 'static {
-    /// The CUDA module (`kernels/<name>.cu`) whose `<name>_<dtype>` entry points run this rule.
+    /// The CUDA module (`kernels/<name>.cu`) whose entry points run this rule.
     const CUDA_MODULE: &'static str;
+
+    /// How the backends run this rule: [`ElementWise`] or [`RowProjected`].
+    type Execution: Execution<Self>;
 
     /// The step scalars in the order the CUDA kernel reads them.
     fn words(&self) -> Words;
 
     /// Applies the update to one contiguous run of elements. `p`, `g` and every slot have the
-    /// same length.
+    /// same length. Must be `#[inline(always)]` (with everything it calls): the backend
+    /// compiles it into its loops once per SIMD level.
     fn apply<P: Elem>(&self, p: &mut [P], g: &[P], state: &mut [&mut [P::Math]]);
+}
 
-    /// Updates a whole tensor on the CPU. The default splits it into chunks over the current
-    /// rayon pool and calls [`Kernel::apply`] on each; algorithms that need per-tensor or
-    /// per-row reductions before writing (AdamP) override it.
-    fn update_cpu<P: Elem>(&self, p: &mut [P], g: &[P], state: Slots<'_, P::Math>, shape: &Shape) {
-        let _ = shape;
-        cpu::par_apply(self, p, g, state);
-    }
+/// Which strategy a kernel runs under, for the backends' dispatch (CUDA launches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExecutionKind {
+    /// See [`ElementWise`].
+    ElementWise,
+    /// See [`RowProjected`].
+    RowProjected,
+}
 
-    /// Updates a group's tensors on one CUDA device. The default is one multi-tensor launch of
-    /// the module's element-wise kernel per parameter dtype; algorithms with reductions before
-    /// the write (AdamP) override it.
-    #[cfg(feature = "cuda")]
-    fn update_cuda(items: &[crate::backend::Work<'_, Self>]) -> Result<()> {
-        crate::backend::cuda::elementwise(items)
-    }
+/// An execution strategy for kernels `K`. Implemented by the backend (`src/backend/`) for the
+/// marker types [`ElementWise`] and [`RowProjected`]; algorithms only name one of them.
+pub trait Execution<K: Kernel>: 'static {
+    /// The strategy, for dispatch where no typed hook is needed (CUDA launches by name).
+    const KIND: ExecutionKind;
+
+    /// Updates one whole tensor on the CPU in place.
+    fn update_cpu<P: Elem>(k: &K, p: &mut [P], g: &[P], state: Slots<'_, P::Math>, shape: &Shape);
+}
+
+/// Strategy: each element is updated independently by [`Kernel::apply`]; the backend splits
+/// tensors into chunks over threads (CPU) or blocks (CUDA, `<module>_<dtype>` entry points).
+#[derive(Clone, Copy, Debug)]
+pub struct ElementWise;
+
+/// Strategy: tensors of rank ≥ 2 take two passes over rows (`shape[0]` rows), with per-row
+/// reductions between them that decide a projection ([`RowRule`]); smaller tensors run
+/// element-wise through [`Kernel::apply`].
+#[derive(Clone, Copy, Debug)]
+pub struct RowProjected;
+
+/// Per-row sums of pass 1 of a [`RowProjected`] kernel, in f64: x·p, x·x, p·p, where x is the
+/// gradient as pass 1 returns it.
+pub type RowSums = [f64; 3];
+
+/// The projection a [`RowRule`] decides on from the row sums.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Projection {
+    /// Per row j: u ← u − p̂_j (p̂_j·u_j), p̂_j = p_j/(‖p_j‖ + eps).
+    Channel,
+    /// Whole tensor: u ← u − p̂ (p̂·u), p̂ = p/(‖p‖ + eps); `norm` is ‖p‖.
+    Layer {
+        /// ‖p‖ over the whole tensor.
+        norm: f64,
+    },
+}
+
+/// The math of a [`RowProjected`] kernel with two state slots (m, v). The backend runs pass 1
+/// ([`RowRule::pass1`] per element, accumulating [`RowSums`] per row), asks
+/// [`RowRule::decide`], and runs pass 2: u from [`RowRule::direction`], projected, then
+/// [`RowRule::write`]. All per-element pieces must be `#[inline(always)]`.
+pub trait RowRule: Kernel {
+    /// The step scalars rounded once to the compute type.
+    type Consts<F: Real>: Sync;
+    /// Rounds the scalars.
+    fn consts<F: Real>(&self) -> Self::Consts<F>;
+    /// Whether pass 2 reads the gradient (the loops are compiled for each case).
+    fn direction_reads_grad(&self) -> bool;
+    /// Pass 1 at one element: updates the state from the gradient `g` and returns the gradient
+    /// as the row sums see it.
+    fn pass1<F: Real>(c: &Self::Consts<F>, g: F, m: &mut F, v: &mut F) -> F;
+    /// The unprojected direction u at one element from the updated state; `g` is read only
+    /// when `READS_GRAD`.
+    fn direction<P: Elem, const READS_GRAD: bool>(
+        c: &Self::Consts<P::Math>,
+        m: P::Math,
+        v: P::Math,
+        g: &P,
+    ) -> P::Math;
+    /// The new parameter value from p, the weight-decay factor and the projected direction.
+    fn write<F: Real>(c: &Self::Consts<F>, p: F, decay: F, u: F) -> F;
+    /// The projection, if any, from the per-row sums of a tensor of `n` elements.
+    fn decide(&self, sums: &[RowSums], row_len: usize, n: usize) -> Option<Projection>;
+    /// The floor added to ‖p‖ in the projector p̂ = p/(‖p‖ + eps).
+    fn projection_eps(&self) -> f64;
+    /// The weight-decay factor, if decay applies (`projected`: a projection was decided).
+    fn decay(&self, projected: bool) -> Option<f64>;
 }
 
 /// One parameter with a gradient in the current step, as seen by [`Algorithm::prepare`].
@@ -103,7 +189,7 @@ pub struct StepContext<'a, 'b, A: Algorithm> {
     /// folded in). An algorithm with its own clipping (Adan) multiplies it further.
     pub grad_scale: f64,
     /// Gradient reductions on the parameters' device.
-    pub reducer: &'a mut Reducer,
+    pub reducer: &'a mut dyn Reducer,
 }
 
 /// Implements the [`Algorithm`] accessors of a configuration with `lr` and `weight_decay`
@@ -159,7 +245,7 @@ pub trait Algorithm:
     fn set_weight_decay(&mut self, wd: f64);
     /// Names of the state tensors kept per parameter under this configuration, in the order the
     /// kernel receives them. All have the parameter's shape.
-    fn slots(&self) -> &'static [&'static str];
+    fn slots(&self) -> &'static [Slot];
 
     /// Bytes one step must move for a parameter of `numel` elements and rank `rank` whose
     /// elements take `param_bytes` each (state is f32): the floor of a fused step's memory

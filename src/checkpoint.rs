@@ -185,7 +185,7 @@ impl<A: Algorithm> Optim<A> {
                     for (slot, t) in g.config.slots().iter().zip(slots) {
                         let mut b = blob(t)?;
                         b.shape = t.dims().to_vec();
-                        tensors.push((format!("{}/{}", p.name, slot), b));
+                        tensors.push((format!("{}/{}", p.name, slot.name), b));
                     }
                 }
                 params.push(ParamState::<A> {
@@ -369,7 +369,7 @@ impl<A: Algorithm> Optim<A> {
                 };
                 let mut slots = Vec::new();
                 for slot in gs.config.slots() {
-                    let key = format!("{}/{}", ps.name, slot);
+                    let key = format!("{}/{}", ps.name, slot.name);
                     let view = st
                         .tensor(&key)
                         .map_err(|_| mismatch(format!("no state tensor `{}`", quote(&key))))?;
@@ -383,7 +383,7 @@ impl<A: Algorithm> Optim<A> {
                         )));
                     }
                     let t = view.load(&Device::Cpu)?;
-                    if !slot_can_be_negative(slot) {
+                    if !slot.signed {
                         check_nonnegative(&key, &t)?;
                     }
                     slots.push(crate::backend::cpu::place_state(
@@ -579,13 +579,8 @@ fn match_params<A: Algorithm>(
     Ok(out)
 }
 
-/// Whether a slot may hold negative values (first moments, previous gradients) — second
-/// moments may not: one below 0 would make the next step's square root NaN.
-fn slot_can_be_negative(slot: &str) -> bool {
-    !(slot.contains("_sq") || slot.contains("var"))
-}
-
-/// Fails unless every element of `t` (a state tensor read from a file) is ≥ 0.
+/// Fails unless every element of `t` (a state tensor read from a file) is ≥ 0: a slot that
+/// cannot go negative (a second moment) would make the next step's square root NaN.
 fn check_nonnegative(key: &str, t: &Tensor) -> Result<()> {
     let t = t.flatten_all()?.to_dtype(DType::F64)?;
     let bad = t

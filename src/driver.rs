@@ -8,9 +8,10 @@
 //! any earlier phase leaves everything bitwise as it was.
 
 use crate::algorithm::{Algorithm, ParamMeta, PrepareEntry, StepContext};
+use crate::backend::DeviceReducer as Reducer;
 use crate::backend::{self, Work};
 use crate::error::{Error, Result};
-use crate::reduce::Reducer;
+use crate::reduce::Reducer as _;
 use crate::schedule::Schedule;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -420,7 +421,7 @@ impl<A: Algorithm> Optim<A> {
                 Some(s) => config
                     .slots()
                     .iter()
-                    .copied()
+                    .map(|s| s.name)
                     .zip(s.iter().cloned())
                     .collect(),
                 None => Vec::new(),
@@ -555,7 +556,7 @@ impl<A: Algorithm> Optim<A> {
         let grads: Vec<&Tensor> = present.iter().flatten().collect();
         let stats = self.reducer.stats(&grads, false)?;
         if self.policy != NonFinitePolicy::Propagate {
-            if let Some(i) = stats.iter().position(|s| !s.sum_sq.is_finite()) {
+            if let Some(i) = stats.iter().position(|s| !s.all_finite) {
                 let param = self
                     .params()
                     .zip(present)
@@ -571,7 +572,7 @@ impl<A: Algorithm> Optim<A> {
                 return Ok(None);
             }
         }
-        let norm = (stats.iter().map(|s| s.sum_sq).sum::<f64>() * (scale * scale)).sqrt();
+        let norm = crate::reduce::global_norm(&stats, scale);
         report.grad_norm = Some(norm);
         let mut grad_scale = scale;
         if let Some(max) = self.max_grad_norm {

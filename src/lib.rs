@@ -30,7 +30,7 @@
 mod accumulate;
 pub mod algorithm;
 pub mod algorithms;
-pub mod backend;
+mod backend;
 pub mod checkpoint;
 mod driver;
 pub mod elem;
@@ -54,6 +54,13 @@ pub use schedule::{Phase, Schedule};
 // The configuration types, the optimizer aliases and `Algo`, from the one table of algorithms.
 registry::algorithm_table!(declare_algorithms);
 use registry::declare_algorithms;
+
+/// Benchmark-only knobs for `examples/bench.rs` (the SIMD level of the CPU loops). Not part of
+/// the API: hidden from the docs, and may change or go away in any release.
+#[doc(hidden)]
+pub mod bench_internals {
+    pub use crate::backend::simd;
+}
 
 /// The README's examples, compiled and run as doctests.
 #[doc = include_str!("../README.md")]

@@ -1,54 +1,64 @@
-//! Reductions over gradients, run on the gradients' device before the update pass.
+//! Reductions over gradients, run on the gradients' device before the update pass: their
+//! result type ([`GradStats`]) and the interface the driver and the algorithms call
+//! ([`Reducer`]). The device code lives in the backend, which implements [`Reducer`]; this
+//! module depends on nothing else in the crate, so the algorithm contract can name it.
 
-pub use crate::backend::cpu::GradStats;
-use crate::error::{Error, Result};
-use candle_core::{Device, Tensor};
+use crate::error::Result;
+use candle_core::Tensor;
+
+/// Statistics of one gradient tensor, accumulated in f64.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradStats {
+    /// Number of elements.
+    pub n: usize,
+    /// Σx².
+    pub sum_sq: f64,
+    /// Σ(x - mean)² from a second pass (two-pass variance); `None` when not asked for.
+    pub centered_sq: Option<f64>,
+    /// Whether every element is finite: exact, computed in the same pass as Σx² (which can
+    /// overflow to +∞ for finite f64 values above ~1e154).
+    pub all_finite: bool,
+    /// (s, Σ(x/s)²) with Σx² = s²·Σ(x/s)²: `(1, sum_sq)`, except when `sum_sq` overflowed with
+    /// every element finite; then s = max |x|, so the norm is still right ([`GradStats::norm`]).
+    pub scaled: (f64, f64),
+}
+
+impl GradStats {
+    /// ‖x‖₂, finite for finite elements even where Σx² overflows.
+    pub fn norm(&self) -> f64 {
+        self.scaled.0 * self.scaled.1.sqrt()
+    }
+}
+
+/// The global 2-norm of several tensors whose elements are multiplied by `scale`:
+/// `sqrt(Σ sum_sq · scale²)`, and where that overflows with every element finite, the same norm
+/// from the rescaled sums (so clipping sees the right norm). Non-finite when an element is.
+pub fn global_norm(stats: &[GradStats], scale: f64) -> f64 {
+    let total: f64 = stats.iter().map(|s| s.sum_sq).sum::<f64>() * (scale * scale);
+    if total.is_finite() || stats.iter().any(|s| !s.all_finite) {
+        return total.sqrt();
+    }
+    // Per-tensor norms are finite; combine them relative to the largest.
+    let m = stats.iter().map(GradStats::norm).fold(0.0, f64::max);
+    let sum: f64 = stats
+        .iter()
+        .map(|s| {
+            let r = s.norm() / m;
+            r * r
+        })
+        .sum();
+    m * sum.sqrt() * scale.abs()
+}
 
 /// Computes gradient statistics on the gradients' device. Results are accumulated in f64 and
 /// do not depend on the number of threads.
-#[derive(Debug, Default)]
-pub struct Reducer {
-    _private: (),
-}
-
-impl Reducer {
-    pub(crate) fn new() -> Self {
-        Self::default()
-    }
-
+pub trait Reducer {
     /// Per-tensor statistics: Σx², and with `centered` also Σ(x − mean)² from a second pass.
-    /// CUDA gradients are reduced on the device, all tensors in one launch per pass.
-    pub fn stats(&mut self, grads: &[&Tensor], centered: bool) -> Result<Vec<GradStats>> {
-        let mut out = Vec::with_capacity(grads.len());
-        #[cfg(feature = "cuda")]
-        let on_gpu: Vec<&Tensor> = grads
-            .iter()
-            .copied()
-            .filter(|g| matches!(g.device(), Device::Cuda(_)))
-            .collect();
-        #[cfg(feature = "cuda")]
-        let mut gpu = crate::backend::cuda::grad_stats(&on_gpu, centered)?.into_iter();
-        for g in grads {
-            out.push(match g.device() {
-                Device::Cpu => crate::backend::cpu::grad_stats(g, centered)?,
-                #[cfg(feature = "cuda")]
-                Device::Cuda(_) => gpu
-                    .next()
-                    .ok_or_else(|| Error::Unsupported("missing CUDA statistics".into()))?,
-                other => {
-                    return Err(Error::Unsupported(format!(
-                        "gradient reductions on {:?} are not supported",
-                        other.location()
-                    )))
-                }
-            });
-        }
-        Ok(out)
-    }
+    /// CUDA gradients are reduced on the device, all tensors of a device in one launch per pass.
+    fn stats(&mut self, grads: &[&Tensor], centered: bool) -> Result<Vec<GradStats>>;
 
-    /// Σx² of every tensor together (f64). Non-finite exactly when some element is non-finite:
-    /// the squares of finite f32 values cannot overflow an f64 sum.
-    pub fn total_sum_sq(&mut self, grads: &[&Tensor]) -> Result<f64> {
+    /// Σx² of every tensor together (f64).
+    fn total_sum_sq(&mut self, grads: &[&Tensor]) -> Result<f64> {
         Ok(self.stats(grads, false)?.iter().map(|s| s.sum_sq).sum())
     }
 }

@@ -533,3 +533,32 @@ fn cpu_state_reaches_a_cache_line_where_its_parameter_does() {
         }
     }
 }
+
+/// A finite f64 gradient whose Σg² overflows (1e200² = 1e400) is not "non-finite": the step
+/// is taken under the default policy, and clipping sees the exact norm (1e200·√n).
+#[test]
+fn huge_finite_f64_gradients_are_stepped_and_clipped_with_the_right_norm() {
+    use candle_optim::{Lion, LionConfig};
+    let n = 8;
+    let var = Var::from_tensor(&Tensor::zeros(n, DType::F64, &Device::Cpu).unwrap()).unwrap();
+    let config = LionConfig {
+        lr: 0.5,
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    let mut opt = Lion::new(vec![var.clone()], config).unwrap();
+    opt.set_max_grad_norm(Some(1.0)).unwrap();
+    let mut g = GradStore::default();
+    let grad = Tensor::from_vec(vec![1e200f64; n], n, &Device::Cpu).unwrap();
+    g.insert(var.as_tensor(), grad);
+    let r = opt.step(&g).unwrap();
+    assert!(r.taken, "skipped: {:?}", r.skipped);
+    let norm = r.grad_norm.unwrap();
+    let want = 1e200 * (n as f64).sqrt();
+    assert!(
+        ((norm - want) / want).abs() < 1e-14,
+        "norm {norm:e}, want {want:e}"
+    );
+    // Lion steps by -lr·sign(g) whatever its size.
+    assert_eq!(var.as_tensor().to_vec1::<f64>().unwrap(), vec![-0.5; n]);
+}

@@ -7,7 +7,7 @@
 //! optimizer-wide switches (`weight_decouple`, `fixed_decay`, `rectify`, `degenerated_to_sgd`)
 //! are per group here. The user's gradient is never modified (the L2 term is applied inside).
 
-use crate::algorithm::{Algorithm, Kernel, ParamMeta, Words};
+use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot, Words};
 use crate::elem::{Elem, Real};
 use crate::error::{check_betas, check_nonneg, Result};
 use serde::{Deserialize, Serialize};
@@ -144,6 +144,7 @@ const NONE: u8 = 3;
 
 impl Kernel for AdaBeliefKernel {
     const CUDA_MODULE: &'static str = "adabelief";
+    type Execution = ElementWise;
 
     /// The order of `kernels/adabelief.cu`.
     fn words(&self) -> Words {
@@ -206,11 +207,33 @@ impl Algorithm for AdaBeliefConfig {
         check_nonneg("weight_decay", self.weight_decay)
     }
     crate::algorithm::lr_and_weight_decay!();
-    fn slots(&self) -> &'static [&'static str] {
+    fn slots(&self) -> &'static [Slot] {
         if self.amsgrad {
-            &["exp_avg", "exp_avg_var", "max_exp_avg_var"]
+            &[
+                Slot {
+                    name: "exp_avg",
+                    signed: true,
+                },
+                Slot {
+                    name: "exp_avg_var",
+                    signed: false,
+                },
+                Slot {
+                    name: "max_exp_avg_var",
+                    signed: false,
+                },
+            ]
         } else {
-            &["exp_avg", "exp_avg_var"]
+            &[
+                Slot {
+                    name: "exp_avg",
+                    signed: true,
+                },
+                Slot {
+                    name: "exp_avg_var",
+                    signed: false,
+                },
+            ]
         }
     }
 

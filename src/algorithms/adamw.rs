@@ -1,7 +1,7 @@
 //! AdamW (Loshchilov & Hutter), exactly as `torch.optim.AdamW` (torch 2.15,
 //! `_single_tensor_adam` with decoupled weight decay). Spec: ALGORITHMS.md §2.
 
-use crate::algorithm::{Algorithm, Kernel, ParamMeta, Words};
+use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot, Words};
 use crate::elem::{Elem, Real};
 use crate::error::{check_betas, check_nonneg, Result};
 use serde::{Deserialize, Serialize};
@@ -53,6 +53,7 @@ pub struct AdamWKernel {
 
 impl Kernel for AdamWKernel {
     const CUDA_MODULE: &'static str = "adamw";
+    type Execution = ElementWise;
 
     /// The order of `kernels/adamw.cu`.
     fn words(&self) -> Words {
@@ -129,11 +130,33 @@ impl Algorithm for AdamWConfig {
         check_nonneg("weight_decay", self.weight_decay)
     }
     crate::algorithm::lr_and_weight_decay!();
-    fn slots(&self) -> &'static [&'static str] {
+    fn slots(&self) -> &'static [Slot] {
         if self.amsgrad {
-            &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+            &[
+                Slot {
+                    name: "exp_avg",
+                    signed: true,
+                },
+                Slot {
+                    name: "exp_avg_sq",
+                    signed: false,
+                },
+                Slot {
+                    name: "max_exp_avg_sq",
+                    signed: false,
+                },
+            ]
         } else {
-            &["exp_avg", "exp_avg_sq"]
+            &[
+                Slot {
+                    name: "exp_avg",
+                    signed: true,
+                },
+                Slot {
+                    name: "exp_avg_sq",
+                    signed: false,
+                },
+            ]
         }
     }
 

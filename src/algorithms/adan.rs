@@ -10,7 +10,7 @@
 //!
 //! [`restart`]: crate::Optim::restart
 
-use crate::algorithm::{Algorithm, Kernel, ParamMeta, StepContext, Words};
+use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot, StepContext, Words};
 use crate::elem::{Elem, Real};
 use crate::error::{check_nonneg, check_range, Result};
 use serde::{Deserialize, Serialize};
@@ -67,6 +67,7 @@ pub struct AdanKernel {
 
 impl Kernel for AdanKernel {
     const CUDA_MODULE: &'static str = "adan";
+    type Execution = ElementWise;
 
     /// The order of `kernels/adan.cu`.
     fn words(&self) -> Words {
@@ -147,8 +148,25 @@ impl Algorithm for AdanConfig {
         check_nonneg("max_grad_norm", self.max_grad_norm)
     }
     crate::algorithm::lr_and_weight_decay!();
-    fn slots(&self) -> &'static [&'static str] {
-        &["exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"]
+    fn slots(&self) -> &'static [Slot] {
+        &[
+            Slot {
+                name: "exp_avg",
+                signed: true,
+            },
+            Slot {
+                name: "exp_avg_sq",
+                signed: false,
+            },
+            Slot {
+                name: "exp_avg_diff",
+                signed: true,
+            },
+            Slot {
+                name: "neg_pre_grad",
+                signed: true,
+            },
+        ]
     }
 
     fn prepare(_: &mut (), ctx: &mut StepContext<'_, '_, Self>) -> Result<()> {

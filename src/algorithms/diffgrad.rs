@@ -5,7 +5,7 @@
 //! reference to the gradient instead); it includes the coupled L2 term, which also feeds the
 //! friction coefficient ξ = σ(|g_prev − g|). The user's gradient is never modified.
 
-use crate::algorithm::{Algorithm, Kernel, ParamMeta, Words};
+use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot, Words};
 use crate::elem::{Elem, Real};
 use crate::error::{check_betas, check_nonneg, Result};
 use serde::{Deserialize, Serialize};
@@ -48,6 +48,7 @@ pub struct DiffGradKernel {
 
 impl Kernel for DiffGradKernel {
     const CUDA_MODULE: &'static str = "diffgrad";
+    type Execution = ElementWise;
 
     /// The order of `kernels/diffgrad.cu`.
     fn words(&self) -> Words {
@@ -112,8 +113,21 @@ impl Algorithm for DiffGradConfig {
         check_nonneg("weight_decay", self.weight_decay)
     }
     crate::algorithm::lr_and_weight_decay!();
-    fn slots(&self) -> &'static [&'static str] {
-        &["exp_avg", "exp_avg_sq", "previous_grad"]
+    fn slots(&self) -> &'static [Slot] {
+        &[
+            Slot {
+                name: "exp_avg",
+                signed: true,
+            },
+            Slot {
+                name: "exp_avg_sq",
+                signed: false,
+            },
+            Slot {
+                name: "previous_grad",
+                signed: true,
+            },
+        ]
     }
     fn kernel(&self, meta: &ParamMeta<'_>, _: &(), _: &(), grad_scale: f64) -> DiffGradKernel {
         let (b1, b2) = self.betas;

@@ -6,7 +6,7 @@
 //! `sign` (and candle's) gives 0 and would silently turn a NaN gradient into "no update": what
 //! happens to non-finite gradients is the driver's [`crate::NonFinitePolicy`].
 
-use crate::algorithm::{Algorithm, Kernel, ParamMeta, Words};
+use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot, Words};
 use crate::elem::{Elem, Real};
 use crate::error::{check_betas, check_nonneg, Result};
 use serde::{Deserialize, Serialize};
@@ -45,6 +45,7 @@ pub struct LionKernel {
 
 impl Kernel for LionKernel {
     const CUDA_MODULE: &'static str = "lion";
+    type Execution = ElementWise;
 
     /// The order of `kernels/lion.cu`.
     fn words(&self) -> Words {
@@ -86,8 +87,11 @@ impl Algorithm for LionConfig {
         check_nonneg("weight_decay", self.weight_decay)
     }
     crate::algorithm::lr_and_weight_decay!();
-    fn slots(&self) -> &'static [&'static str] {
-        &["exp_avg"]
+    fn slots(&self) -> &'static [Slot] {
+        &[Slot {
+            name: "exp_avg",
+            signed: true,
+        }]
     }
     fn kernel(&self, meta: &ParamMeta<'_>, _: &(), _: &(), grad_scale: f64) -> LionKernel {
         LionKernel {

@@ -13,7 +13,7 @@
 //!   code then turns every parameter into NaN; this port reproduces that (it is what v1.0.4
 //!   computes) rather than inventing a different rule.
 
-use crate::algorithm::{Algorithm, Kernel, ParamMeta, StepContext, Words};
+use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot, StepContext, Words};
 use crate::elem::{Elem, Real};
 use crate::error::{check_nonneg, check_range, Error, Result};
 use serde::{Deserialize, Serialize};
@@ -87,6 +87,7 @@ pub struct SgdSaiKernel {
 
 impl Kernel for SgdSaiKernel {
     const CUDA_MODULE: &'static str = "sgd_sai";
+    type Execution = ElementWise;
 
     /// The order of `kernels/sgd_sai.cu`.
     fn words(&self) -> Words {
@@ -166,9 +167,12 @@ impl Algorithm for SgdSaiConfig {
         check_nonneg("weight_decay", self.weight_decay)
     }
     crate::algorithm::lr_and_weight_decay!();
-    fn slots(&self) -> &'static [&'static str] {
+    fn slots(&self) -> &'static [Slot] {
         if self.momentum > 0.0 {
-            &["momentum_buffer"]
+            &[Slot {
+                name: "momentum_buffer",
+                signed: true,
+            }]
         } else {
             &[]
         }

@@ -6,9 +6,10 @@
 //! every slot at once and runs the single loop. No shared reference is ever written through.
 
 use super::{simd, Work};
-use crate::algorithm::{Kernel, Slots};
+use crate::algorithm::{Execution, Kernel, Slots};
 use crate::elem::{Elem, Real};
 use crate::error::{Error, Result};
+use crate::reduce::GradStats;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Storage, Tensor};
 use half::{bf16, f16};
@@ -77,7 +78,7 @@ impl<K: Kernel> ParamOp<'_, '_, K> {
                     );
                 }
             }
-            w.kernel.update_cpu(&mut *p, g, slots, w.shape);
+            <K::Execution as Execution<K>>::update_cpu(&w.kernel, &mut *p, g, slots, w.shape);
             Ok(())
         })
     }
@@ -242,7 +243,7 @@ impl<K: Kernel, P: Elem> simd::Task for Apply<'_, '_, K, P> {
 
 /// Applies `k` to a whole tensor, split into runs of at least `GRAIN` (32Ki) elements over the
 /// current rayon pool (run inline when the pool has one thread).
-pub fn par_apply<K: Kernel, P: Elem>(k: &K, p: &mut [P], g: &[P], s: Slots<'_, P::Math>) {
+pub(crate) fn par_apply<K: Kernel, P: Elem>(k: &K, p: &mut [P], g: &[P], s: Slots<'_, P::Math>) {
     apply_rec(k, p, g, s, leaf_len(p.len()));
 }
 
@@ -306,7 +307,7 @@ pub(crate) const REDUCE_GRAIN: usize = 1 << 16;
 
 /// Reduces `x` with a fixed split tree that depends only on `x.len()`, so the result is the
 /// same bit for bit whatever the number of threads or the scheduling.
-pub fn par_reduce<T: Sync, R: Send>(
+pub(crate) fn par_reduce<T: Sync, R: Send>(
     x: &[T],
     leaf: &(impl Fn(&[T]) -> R + Sync),
     combine: &(impl Fn(R, R) -> R + Sync),
@@ -325,39 +326,43 @@ pub fn par_reduce<T: Sync, R: Send>(
 /// Independent accumulators per sum, so the f64 reductions vectorize.
 const LANES: usize = 16;
 
-/// Σx² in f64 (one leaf of a reduction).
+/// Σx² in f64 and the finiteness probe Σx·0 (one leaf of a reduction).
 struct SumSq<'a, P>(&'a [P]);
 
 impl<P: Elem> simd::Task for SumSq<'_, P> {
-    type Out = f64;
+    type Out = (f64, f64);
     #[inline(always)]
-    fn run(self) -> f64 {
+    fn run(self) -> (f64, f64) {
         let mut q = [0f64; LANES];
+        let mut z = [0f64; LANES];
         let chunks = self.0.chunks_exact(LANES);
         let tail = chunks.remainder();
         for c in chunks {
             for i in 0..LANES {
                 let v = c[i].load().f64();
                 q[i] += v * v;
+                z[i] += v * 0.0;
             }
         }
         for (i, v) in tail.iter().enumerate() {
             let v = v.load().f64();
             q[i] += v * v;
+            z[i] += v * 0.0;
         }
-        q.iter().sum()
+        (q.iter().sum(), z.iter().sum())
     }
 }
 
-/// Σx and Σx² in f64 (one leaf of a reduction).
+/// Σx, Σx² and the finiteness probe Σx·0 in f64 (one leaf of a reduction).
 struct SumAndSq<'a, P>(&'a [P]);
 
 impl<P: Elem> simd::Task for SumAndSq<'_, P> {
-    type Out = (f64, f64);
+    type Out = (f64, f64, f64);
     #[inline(always)]
-    fn run(self) -> (f64, f64) {
+    fn run(self) -> (f64, f64, f64) {
         let mut s = [0f64; LANES];
         let mut q = [0f64; LANES];
+        let mut z = [0f64; LANES];
         let chunks = self.0.chunks_exact(LANES);
         let tail = chunks.remainder();
         for c in chunks {
@@ -365,14 +370,16 @@ impl<P: Elem> simd::Task for SumAndSq<'_, P> {
                 let v = c[i].load().f64();
                 s[i] += v;
                 q[i] += v * v;
+                z[i] += v * 0.0;
             }
         }
         for (i, v) in tail.iter().enumerate() {
             let v = v.load().f64();
             s[i] += v;
             q[i] += v * v;
+            z[i] += v * 0.0;
         }
-        (s.iter().sum(), q.iter().sum())
+        (s.iter().sum(), q.iter().sum(), z.iter().sum())
     }
 }
 
@@ -405,41 +412,63 @@ fn add2(a: (f64, f64), b: (f64, f64)) -> (f64, f64) {
     (a.0 + b.0, a.1 + b.1)
 }
 
-/// Statistics of one gradient tensor, accumulated in f64.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct GradStats {
-    /// Number of elements.
-    pub n: usize,
-    /// Σx².
-    pub sum_sq: f64,
-    /// Σ(x - mean)² from a second pass (two-pass variance); `None` when not asked for.
-    pub centered_sq: Option<f64>,
+fn add3(a: (f64, f64, f64), b: (f64, f64, f64)) -> (f64, f64, f64) {
+    (a.0 + b.0, a.1 + b.1, a.2 + b.2)
 }
+
+// The finiteness probe Σx·0 is ±0 when every element is finite and NaN otherwise (∞·0 and
+// NaN·0 are NaN): an exact test in the same pass, where Σx² may overflow for finite f64 values.
 
 fn stats_of<P: Elem>(x: &[P], centered: bool) -> GradStats {
     let add = |a: f64, b: f64| a + b;
-    if !centered {
-        return GradStats {
-            n: x.len(),
-            sum_sq: par_reduce(x, &|c: &[P]| simd::run(SumSq(c)), &add),
-            centered_sq: None,
-        };
-    }
-    let (s, q) = par_reduce(x, &|c: &[P]| simd::run(SumAndSq(c)), &add2);
-    let mean = if x.is_empty() {
-        0.0
+    let (s, q, z) = if centered {
+        par_reduce(x, &|c: &[P]| simd::run(SumAndSq(c)), &add3)
     } else {
-        s / x.len() as f64
+        let (q, z) = par_reduce(x, &|c: &[P]| simd::run(SumSq(c)), &add2);
+        (0.0, q, z)
+    };
+    let all_finite = !z.is_nan();
+    let centered_sq = centered.then(|| {
+        let mean = if x.is_empty() {
+            0.0
+        } else {
+            s / x.len() as f64
+        };
+        par_reduce(x, &|c: &[P]| simd::run(CenteredSq(c, mean)), &add)
+    });
+    let scaled = if all_finite && !q.is_finite() {
+        rescaled_sum_sq(x)
+    } else {
+        (1.0, q)
     };
     GradStats {
         n: x.len(),
         sum_sq: q,
-        centered_sq: Some(par_reduce(
-            x,
-            &|c: &[P]| simd::run(CenteredSq(c, mean)),
-            &add,
-        )),
+        centered_sq,
+        all_finite,
+        scaled,
     }
+}
+
+/// (m, Σ(x/m)²) with m = max |x|: the sum of squares of finite values whose plain Σx²
+/// overflowed. Rare, so plain loops; fixed split trees keep it independent of threads.
+pub(crate) fn rescaled_sum_sq<P: Elem>(x: &[P]) -> (f64, f64) {
+    let max = par_reduce(
+        x,
+        &|c: &[P]| c.iter().fold(0f64, |a, v| a.max(v.load().f64().abs())),
+        &f64::max,
+    );
+    let sum = par_reduce(
+        x,
+        &|c: &[P]| {
+            c.iter().fold(0f64, |a, v| {
+                let r = v.load().f64() / max;
+                a + r * r
+            })
+        },
+        &|a, b| a + b,
+    );
+    (max, sum)
 }
 
 /// Statistics of a contiguous CPU tensor (Σx², and Σ(x-mean)² if `centered`).

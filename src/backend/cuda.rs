@@ -22,10 +22,9 @@ use candle_core::{
 use std::cell::RefCell;
 use std::sync::Arc;
 
-/// Elements per block-chunk (`CO_CHUNK`).
-pub(crate) const CHUNK: usize = 16384;
-/// Threads per block (`CO_THREADS`).
-pub(crate) const THREADS: u32 = 256;
+pub(crate) use super::kernel_abi::{CHUNK, THREADS};
+use super::kernel_abi::{ENTRY_BYTES, MAX_SLOTS, WORDS};
+
 /// Tensors per launch. Each holds a nested in-place op (one per parameter and slot) while the
 /// launch is enqueued; this bounds that nesting. GPT-2 small (148 tensors) takes 3 launches.
 pub(crate) const MAX_TENSORS: usize = 64;
@@ -56,21 +55,22 @@ pub(crate) fn dtype_suffix(d: DType) -> Result<&'static str> {
     })
 }
 
-/// A row of the tensor table (`TensorEntry` in `kernels/common.cuh`: 26 words of 8 bytes).
+/// A row of the tensor table (`TensorEntry` in `kernels/common.cuh`: [`ENTRY_BYTES`] bytes).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Entry {
     pub p: u64,
     pub g: u64,
-    pub s: [u64; 4],
+    pub s: [u64; MAX_SLOTS],
     pub n: u64,
     pub rows: u64,
     pub row_len: u64,
     pub off: u64,
-    pub w: [f64; 16],
+    pub w: [f64; WORDS],
 }
 
-/// Words per [`Entry`].
-const ENTRY_WORDS: usize = 26;
+/// Words per [`Entry`] as uploaded (`TensorEntry` is `CO_ENTRY_BYTES`, from the same constant).
+const ENTRY_WORDS: usize = ENTRY_BYTES / 8;
+const _: () = assert!(ENTRY_WORDS == 2 + MAX_SLOTS + 4 + WORDS);
 
 impl Entry {
     fn push_to(&self, out: &mut Vec<u64>) {
@@ -325,6 +325,23 @@ pub(crate) fn with_entries<K: Kernel>(
     })
 }
 
+/// `items` grouped by the CUDA device `loc` names for each, in order of first appearance: one
+/// launch covers one device's tensors only.
+pub(crate) fn by_device<T: Copy>(
+    items: &[T],
+    loc: impl Fn(T) -> candle_core::DeviceLocation,
+) -> Vec<Vec<T>> {
+    let mut out: Vec<(candle_core::DeviceLocation, Vec<T>)> = Vec::new();
+    for &x in items {
+        let l = loc(x);
+        match out.iter_mut().find(|(k, _)| *k == l) {
+            Some((_, v)) => v.push(x),
+            None => out.push((l, vec![x])),
+        }
+    }
+    out.into_iter().map(|(_, v)| v).collect()
+}
+
 /// The tensors of `items` with elements, by parameter dtype, in launches of at most
 /// [`MAX_TENSORS`].
 pub(crate) fn launches<'a, 'b, K: Kernel>(
@@ -386,74 +403,91 @@ pub(crate) fn launch_elementwise<K: Kernel>(
 /// and one copy to the host per pass, never one per tensor.
 pub(crate) fn grad_stats(grads: &[&Tensor], centered: bool) -> Result<Vec<GradStats>> {
     let mut out: Vec<Option<GradStats>> = vec![None; grads.len()];
-    for dt in [DType::F32, DType::BF16, DType::F16, DType::F64] {
-        let idx: Vec<usize> = (0..grads.len())
-            .filter(|&i| grads[i].dtype() == dt)
-            .collect();
-        if idx.is_empty() {
-            continue;
-        }
-        let sel: Vec<&Tensor> = idx.iter().map(|&i| grads[i]).collect();
-        let dev = cuda_device(sel[0])?;
-        let stream = dev.cuda_stream();
-        let sfx = dtype_suffix(dt)?;
-        let n: Vec<u64> = sel.iter().map(|t| t.elem_count() as u64).collect();
-        let (blocks, first) = block_table(&n, CHUNK as u64);
-        let nb = blocks.len() / 2;
-        let sums = function(dev, "reduce", &format!("sums_{sfx}"))?;
-        let cent = function(dev, "reduce", &format!("centered_{sfx}"))?;
-        let fin = function(dev, "reduce", "reduce_partials")?;
-        let t = sel.len();
-        let (s, q, c) = with_read_ptrs(&sel, &stream, |ptrs| {
-            let mut entries: Vec<Entry> = ptrs
+    // One launch per (device, dtype): a table holds pointers of one device only.
+    let all: Vec<usize> = (0..grads.len()).collect();
+    for on_dev in by_device(&all, |i| grads[i].device().location()) {
+        for dt in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+            let idx: Vec<usize> = on_dev
                 .iter()
-                .zip(&n)
-                .map(|(&p, &n)| Entry {
-                    p,
-                    n,
-                    ..Default::default()
-                })
+                .copied()
+                .filter(|&i| grads[i].dtype() == dt)
                 .collect();
-            let blocks_d = stream.clone_htod(&blocks).w()?;
-            let first_d = stream.clone_htod(&first).w()?;
-            let reduce =
-                |kernel: &CudaFunction, entries: &[Entry], width: u32| -> Result<Vec<f64>> {
-                    let table = upload_table(&stream, entries)?;
-                    let mut partial = stream.alloc_zeros::<f64>(nb.max(1) * width as usize).w()?;
-                    let mut total = stream.alloc_zeros::<f64>(t * width as usize).w()?;
-                    let mut b = stream.launch_builder(kernel);
-                    b.arg(&table).arg(&blocks_d).arg(&mut partial);
-                    if nb > 0 {
-                        // SAFETY: (const TensorEntry*, const BlockEntry*, double* out) with `out`
-                        // holding `width` doubles per block; pointers are held by the caller.
-                        unsafe { b.launch(grid(nb)) }.w()?;
+            if idx.is_empty() {
+                continue;
+            }
+            let sel: Vec<&Tensor> = idx.iter().map(|&i| grads[i]).collect();
+            let dev = cuda_device(sel[0])?;
+            let stream = dev.cuda_stream();
+            let sfx = dtype_suffix(dt)?;
+            let n: Vec<u64> = sel.iter().map(|t| t.elem_count() as u64).collect();
+            let (blocks, first) = block_table(&n, CHUNK as u64);
+            let nb = blocks.len() / 2;
+            let sums = function(dev, "reduce", &format!("sums_{sfx}"))?;
+            let cent = function(dev, "reduce", &format!("centered_{sfx}"))?;
+            let fin = function(dev, "reduce", "reduce_partials")?;
+            let t = sel.len();
+            let (z, q, c) = with_read_ptrs(&sel, &stream, |ptrs| {
+                let mut entries: Vec<Entry> = ptrs
+                    .iter()
+                    .zip(&n)
+                    .map(|(&p, &n)| Entry {
+                        p,
+                        n,
+                        ..Default::default()
+                    })
+                    .collect();
+                let blocks_d = stream.clone_htod(&blocks).w()?;
+                let first_d = stream.clone_htod(&first).w()?;
+                let reduce =
+                    |kernel: &CudaFunction, entries: &[Entry], width: u32| -> Result<Vec<f64>> {
+                        let table = upload_table(&stream, entries)?;
+                        let mut partial =
+                            stream.alloc_zeros::<f64>(nb.max(1) * width as usize).w()?;
+                        let mut total = stream.alloc_zeros::<f64>(t * width as usize).w()?;
+                        let mut b = stream.launch_builder(kernel);
+                        b.arg(&table).arg(&blocks_d).arg(&mut partial);
+                        if nb > 0 {
+                            // SAFETY: (const TensorEntry*, const BlockEntry*, double* out) with `out`
+                            // holding `width` doubles per block; pointers are held by the caller.
+                            unsafe { b.launch(grid(nb)) }.w()?;
+                        }
+                        let mut b = stream.launch_builder(&fin);
+                        b.arg(&partial).arg(&first_d).arg(&width).arg(&mut total);
+                        // SAFETY: one block per tensor reads its blocks' partials ([first[t],
+                        // first[t+1]) × width) and writes total[t*width..]; both sized above.
+                        unsafe { b.launch(grid(t)) }.w()?;
+                        Ok(stream.clone_dtoh(&total).w()?)
+                    };
+                let sqz = reduce(&sums, &entries, 3)?;
+                let s: Vec<f64> = sqz.chunks(3).map(|c| c[0]).collect();
+                let q: Vec<f64> = sqz.chunks(3).map(|c| c[1]).collect();
+                let z: Vec<f64> = sqz.chunks(3).map(|c| c[2]).collect();
+                let c = if centered {
+                    for (e, (&s, &n)) in entries.iter_mut().zip(s.iter().zip(&n)) {
+                        e.w[0] = if n == 0 { 0.0 } else { s / n as f64 };
                     }
-                    let mut b = stream.launch_builder(&fin);
-                    b.arg(&partial).arg(&first_d).arg(&width).arg(&mut total);
-                    // SAFETY: one block per tensor reads its blocks' partials ([first[t],
-                    // first[t+1]) × width) and writes total[t*width..]; both sized above.
-                    unsafe { b.launch(grid(t)) }.w()?;
-                    Ok(stream.clone_dtoh(&total).w()?)
+                    Some(reduce(&cent, &entries, 1)?)
+                } else {
+                    None
                 };
-            let sq = reduce(&sums, &entries, 2)?;
-            let (s, q): (Vec<f64>, Vec<f64>) = sq.chunks(2).map(|c| (c[0], c[1])).unzip();
-            let c = if centered {
-                for (e, (&s, &n)) in entries.iter_mut().zip(s.iter().zip(&n)) {
-                    e.w[0] = if n == 0 { 0.0 } else { s / n as f64 };
-                }
-                Some(reduce(&cent, &entries, 1)?)
-            } else {
-                None
-            };
-            Ok((s, q, c))
-        })?;
-        let _ = s;
-        for (k, &i) in idx.iter().enumerate() {
-            out[i] = Some(GradStats {
-                n: n[k] as usize,
-                sum_sq: q[k],
-                centered_sq: c.as_ref().map(|c| c[k]),
-            });
+                Ok((z, q, c))
+            })?;
+            for (k, &i) in idx.iter().enumerate() {
+                let all_finite = !z[k].is_nan();
+                // Finite values whose Σx² overflowed (f64 only, rare): rescale on the host.
+                let scaled = if all_finite && !q[k].is_finite() {
+                    super::cpu::grad_stats(&sel[k].to_device(&Device::Cpu)?, false)?.scaled
+                } else {
+                    (1.0, q[k])
+                };
+                out[i] = Some(GradStats {
+                    n: n[k] as usize,
+                    sum_sq: q[k],
+                    centered_sq: c.as_ref().map(|c| c[k]),
+                    all_finite,
+                    scaled,
+                });
+            }
         }
     }
     out.into_iter()

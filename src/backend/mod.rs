@@ -1,17 +1,27 @@
-//! Execution of the fused update on each device.
+//! Execution of the fused update on each device: the backend runs each execution strategy of
+//! the algorithm contract ([`crate::algorithm::Execution`]) with threads and SIMD on the CPU
+//! and with kernel launches on CUDA, and computes the gradient reductions ([`DeviceReducer`]).
+//! Crate-private: users see only the optimizers.
 
-pub mod cpu;
+pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_rows;
+#[cfg(feature = "cuda")]
+mod kernel_abi;
+mod rows;
 pub mod simd;
 
-use crate::algorithm::Kernel;
+use crate::algorithm::{ElementWise, Execution, ExecutionKind, Kernel, Slots};
+use crate::elem::Elem;
 use crate::error::{Error, Result};
+use crate::reduce::{GradStats, Reducer};
 use candle_core::{Device, Shape, Tensor};
 
 /// One parameter's share of a fused update: the kernel over (param, grad, state slots).
 #[derive(Clone, Copy, Debug)]
-pub struct Work<'a, K> {
+pub(crate) struct Work<'a, K> {
     /// The parameter (contiguous).
     pub param: &'a Tensor,
     /// Its gradient (contiguous, same shape, dtype and device, distinct storage).
@@ -24,6 +34,14 @@ pub struct Work<'a, K> {
     pub kernel: K,
 }
 
+impl<K: Kernel> Execution<K> for ElementWise {
+    const KIND: ExecutionKind = ExecutionKind::ElementWise;
+
+    fn update_cpu<P: Elem>(k: &K, p: &mut [P], g: &[P], s: Slots<'_, P::Math>, _: &Shape) {
+        cpu::par_apply(k, p, g, s);
+    }
+}
+
 /// Runs the fused update of every item in place.
 ///
 /// The caller has checked that each grad matches its param (shape, dtype, device), that both
@@ -34,18 +52,12 @@ pub(crate) fn update<K: Kernel>(items: &[Work<'_, K>]) -> Result<()> {
         let (cuda, rest): (Vec<&Work<'_, K>>, Vec<&Work<'_, K>>) = items
             .iter()
             .partition(|w| matches!(w.param.device(), Device::Cuda(_)));
-        if !cuda.is_empty() {
-            // One group's CUDA tensors go in as few launches as possible (per device).
-            let mut by_dev: Vec<(candle_core::DeviceLocation, Vec<Work<'_, K>>)> = Vec::new();
-            for w in cuda {
-                let loc = w.param.device().location();
-                match by_dev.iter_mut().find(|(l, _)| *l == loc) {
-                    Some((_, v)) => v.push(*w),
-                    None => by_dev.push((loc, vec![*w])),
-                }
-            }
-            for (_, ws) in by_dev {
-                K::update_cuda(&ws)?;
+        // One group's CUDA tensors go in as few launches as possible (per device).
+        for ws in cuda::by_device(&cuda, |w| w.param.device().location()) {
+            let ws: Vec<Work<'_, K>> = ws.into_iter().copied().collect();
+            match <K::Execution as Execution<K>>::KIND {
+                ExecutionKind::ElementWise => cuda::elementwise(&ws)?,
+                ExecutionKind::RowProjected => cuda_rows::update(&ws)?,
             }
         }
         for w in rest {
@@ -64,5 +76,47 @@ fn update_one<K: Kernel>(w: &Work<'_, K>) -> Result<()> {
             "optimizer step on {:?} is not supported (build with the `cuda` feature for CUDA)",
             other.location()
         ))),
+    }
+}
+
+/// The backend's [`Reducer`]: CPU tensors with a fixed split tree, CUDA tensors on the device.
+#[derive(Debug, Default)]
+pub(crate) struct DeviceReducer {
+    _private: (),
+}
+
+impl DeviceReducer {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Reducer for DeviceReducer {
+    fn stats(&mut self, grads: &[&Tensor], centered: bool) -> Result<Vec<GradStats>> {
+        let mut out = Vec::with_capacity(grads.len());
+        #[cfg(feature = "cuda")]
+        let on_gpu: Vec<&Tensor> = grads
+            .iter()
+            .copied()
+            .filter(|g| matches!(g.device(), Device::Cuda(_)))
+            .collect();
+        #[cfg(feature = "cuda")]
+        let mut gpu = cuda::grad_stats(&on_gpu, centered)?.into_iter();
+        for g in grads {
+            out.push(match g.device() {
+                Device::Cpu => cpu::grad_stats(g, centered)?,
+                #[cfg(feature = "cuda")]
+                Device::Cuda(_) => gpu
+                    .next()
+                    .ok_or_else(|| Error::Unsupported("missing CUDA statistics".into()))?,
+                other => {
+                    return Err(Error::Unsupported(format!(
+                        "gradient reductions on {:?} are not supported",
+                        other.location()
+                    )))
+                }
+            });
+        }
+        Ok(out)
     }
 }
