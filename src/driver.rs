@@ -49,8 +49,8 @@ pub struct StepReport {
     pub taken: bool,
     /// Why it was not, if it was not.
     pub skipped: Option<SkipReason>,
-    /// The global L2 norm of the gradients before clipping, when it was computed (clipping or
-    /// a non-finite check is configured).
+    /// The global L2 norm of the gradients before clipping, when clipping is configured (the
+    /// non-finite check alone runs a cheaper pass that computes no norm).
     pub grad_norm: Option<f64>,
     /// The factor the gradients were scaled by (1 without clipping).
     pub clip_scale: f64,
@@ -554,9 +554,17 @@ impl<A: Algorithm> Optim<A> {
             return Ok(Some(scale));
         }
         let grads: Vec<&Tensor> = present.iter().flatten().collect();
-        let stats = self.reducer.stats(&grads, false)?;
+        // Without clipping no norm is needed: the finite-only pass is cheaper than Σx².
+        let stats = match self.max_grad_norm {
+            Some(_) => Some(self.reducer.stats(&grads, false)?),
+            None => None,
+        };
+        let finite: Vec<bool> = match &stats {
+            Some(stats) => stats.iter().map(|s| s.all_finite).collect(),
+            None => self.reducer.all_finite(&grads)?,
+        };
         if self.policy != NonFinitePolicy::Propagate {
-            if let Some(i) = stats.iter().position(|s| !s.all_finite) {
+            if let Some(i) = finite.iter().position(|f| !f) {
                 let param = self
                     .params()
                     .zip(present)
@@ -572,10 +580,10 @@ impl<A: Algorithm> Optim<A> {
                 return Ok(None);
             }
         }
-        let norm = crate::reduce::global_norm(&stats, scale);
-        report.grad_norm = Some(norm);
         let mut grad_scale = scale;
-        if let Some(max) = self.max_grad_norm {
+        if let (Some(max), Some(stats)) = (self.max_grad_norm, &stats) {
+            let norm = crate::reduce::global_norm(stats, scale);
+            report.grad_norm = Some(norm);
             // torch.nn.utils.clip_grad_norm_: coef = max / (norm + 1e-6), clamped at 1.
             report.clip_scale = (max / (norm + 1e-6)).min(1.0);
             grad_scale *= report.clip_scale;

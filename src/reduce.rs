@@ -57,6 +57,16 @@ pub trait Reducer {
     /// CUDA gradients are reduced on the device, all tensors of a device in one launch per pass.
     fn stats(&mut self, grads: &[&Tensor], centered: bool) -> Result<Vec<GradStats>>;
 
+    /// Whether every element of each tensor is finite. The default reads the statistics; a
+    /// device may run a cheaper pass that computes no sum.
+    fn all_finite(&mut self, grads: &[&Tensor]) -> Result<Vec<bool>> {
+        Ok(self
+            .stats(grads, false)?
+            .iter()
+            .map(|s| s.all_finite)
+            .collect())
+    }
+
     /// Σx² of every tensor together (f64).
     fn total_sum_sq(&mut self, grads: &[&Tensor]) -> Result<f64> {
         Ok(self.stats(grads, false)?.iter().map(|s| s.sum_sq).sum())

@@ -391,3 +391,39 @@ fn unknown_hyperparameters_are_errors() {
         .unwrap();
     }
 }
+
+#[test]
+fn every_non_finite_value_is_found_in_every_dtype_and_position() {
+    // The non-finite check without clipping runs its own pass (no norm): it must find a NaN or
+    // an infinity wherever it sits, in the vector body or the tail, in each parameter dtype.
+    let n = 70_001; // several reduction leaves and a ragged tail
+    for dt in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+        for clip in [None, Some(1.0)] {
+            for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                for at in [0, 31, 32, n / 2, n - 1] {
+                    let w = Var::from_tensor(&tensor(1, &[n], dt)).unwrap();
+                    let mut opt = Algo::AdamW
+                        .build_json(vec![("w".into(), w.clone())], &json!({}))
+                        .unwrap();
+                    opt.set_max_grad_norm(clip).unwrap();
+                    let mut g: Vec<f64> = tensor(2, &[n], DType::F64).to_vec1().unwrap();
+                    g[at] = bad;
+                    let mut grads = GradStore::default();
+                    let gt = Tensor::new(g, &Device::Cpu).unwrap().to_dtype(dt).unwrap();
+                    grads.insert(w.as_tensor(), gt.clone());
+                    let r = opt.step(&grads).unwrap();
+                    assert!(!r.taken, "{dt:?} clip {clip:?}: {bad} at {at} not found");
+                    // The same gradient with the value made finite is stepped.
+                    let fixed = gt.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
+                    let mut v: Vec<f64> = fixed.to_vec1().unwrap();
+                    v[at] = 0.5;
+                    grads.insert(
+                        w.as_tensor(),
+                        Tensor::new(v, &Device::Cpu).unwrap().to_dtype(dt).unwrap(),
+                    );
+                    assert!(opt.step(&grads).unwrap().taken, "{dt:?} finite");
+                }
+            }
+        }
+    }
+}

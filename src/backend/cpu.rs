@@ -326,7 +326,14 @@ pub(crate) fn par_reduce<T: Sync, R: Send>(
 /// Independent accumulators per sum, so the f64 reductions vectorize.
 const LANES: usize = 16;
 
-/// Σx² in f64 and the finiteness probe Σx·0 (one leaf of a reduction).
+/// Whether Σx² in f64 alone can overflow for finite elements of type `P`: only for f64 (the
+/// square of a finite f32, bf16 or f16 value is below 2^256, and no tensor has 2^768 elements).
+/// Elsewhere Σx² is finite exactly when every element is, and no probe is needed.
+fn needs_probe<P: Elem>() -> bool {
+    std::mem::size_of::<P::Math>() == 8
+}
+
+/// Σx² in f64 and, for f64 elements, the finiteness probe Σx·0 (one leaf of a reduction).
 struct SumSq<'a, P>(&'a [P]);
 
 impl<P: Elem> simd::Task for SumSq<'_, P> {
@@ -335,22 +342,81 @@ impl<P: Elem> simd::Task for SumSq<'_, P> {
     fn run(self) -> (f64, f64) {
         let mut q = [0f64; LANES];
         let mut z = [0f64; LANES];
+        let probe = needs_probe::<P>(); // a constant per instantiation
         let chunks = self.0.chunks_exact(LANES);
         let tail = chunks.remainder();
         for c in chunks {
             for i in 0..LANES {
                 let v = c[i].load().f64();
                 q[i] += v * v;
-                z[i] += v * 0.0;
+                if probe {
+                    z[i] += v * 0.0;
+                }
             }
         }
         for (i, v) in tail.iter().enumerate() {
             let v = v.load().f64();
             q[i] += v * v;
-            z[i] += v * 0.0;
+            if probe {
+                z[i] += v * 0.0;
+            }
         }
-        (q.iter().sum(), z.iter().sum())
+        let q: f64 = q.iter().sum();
+        let z = if probe { z.iter().sum() } else { q * 0.0 };
+        (q, z)
     }
+}
+
+/// The finiteness probe alone, in the compute type: Σx·0 is ±0 when every element is finite
+/// and NaN otherwise. One multiply-add per element, so the pass runs at memory speed.
+struct Probe<'a, P>(&'a [P]);
+
+impl<P: Elem> simd::Task for Probe<'_, P> {
+    type Out = bool;
+    #[inline(always)]
+    fn run(self) -> bool {
+        const W: usize = 32;
+        let zero = <P::Math as Real>::ZERO;
+        let mut z = [zero; W];
+        let chunks = self.0.chunks_exact(W);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for i in 0..W {
+                z[i] += c[i].load() * zero;
+            }
+        }
+        for (i, v) in tail.iter().enumerate() {
+            z[i] += v.load() * zero;
+        }
+        z.iter().fold(zero, |a, &b| a + b).is_finite()
+    }
+}
+
+/// Whether every element of a contiguous CPU tensor is finite (a finite-only pass, for the
+/// non-finite check when no norm is needed).
+pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
+    fn go<P: Elem>(x: &[P]) -> bool {
+        par_reduce(x, &|c: &[P]| simd::run(Probe(c)), &|a, b| a && b)
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::Unsupported("expected a CPU tensor".into()));
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        return Err(Error::Unsupported("expected a contiguous tensor".into()));
+    };
+    Ok(match cpu {
+        CpuStorage::F32(v) => go::<f32>(&v[a..b]),
+        CpuStorage::F64(v) => go::<f64>(&v[a..b]),
+        CpuStorage::BF16(v) => go::<bf16>(&v[a..b]),
+        CpuStorage::F16(v) => go::<f16>(&v[a..b]),
+        other => {
+            return Err(Error::Unsupported(format!(
+                "gradient dtype {:?} is not supported",
+                other.dtype()
+            )))
+        }
+    })
 }
 
 /// Σx, Σx² and the finiteness probe Σx·0 in f64 (one leaf of a reduction).

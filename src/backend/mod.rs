@@ -119,4 +119,27 @@ impl Reducer for DeviceReducer {
         }
         Ok(out)
     }
+
+    fn all_finite(&mut self, grads: &[&Tensor]) -> Result<Vec<bool>> {
+        // CPU tensors get the finite-only pass; others (CUDA) read their statistics.
+        let others: Vec<&Tensor> = grads
+            .iter()
+            .copied()
+            .filter(|g| !g.device().is_cpu())
+            .collect();
+        let mut others = self.stats(&others, false)?.into_iter();
+        grads
+            .iter()
+            .map(|g| {
+                if g.device().is_cpu() {
+                    cpu::all_finite(g)
+                } else {
+                    others
+                        .next()
+                        .map(|s| s.all_finite)
+                        .ok_or_else(|| Error::Unsupported("missing statistics".into()))
+                }
+            })
+            .collect()
+    }
 }
