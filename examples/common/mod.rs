@@ -112,6 +112,8 @@ pub fn example_lr(algo: Algo) -> f64 {
         Algo::AdamW | Algo::AdamP | Algo::AdaBelief | Algo::DiffGrad => 1e-3,
         Algo::Adan => 2e-3,
         Algo::Lion => 1e-4,
+        // Not swept: one rate for the matrices (Muon) and the auxiliary AdamW.
+        Algo::Muon => 3e-3,
     }
 }
 
@@ -125,7 +127,8 @@ pub fn weight_decay_factor(algo: Algo) -> f64 {
         | Algo::AdamP
         | Algo::AdaBelief
         | Algo::DiffGrad
-        | Algo::Adan => 1.0,
+        | Algo::Adan
+        | Algo::Muon => 1.0,
     }
 }
 
