@@ -180,9 +180,9 @@ pub struct MatrixScalars {
 /// What one parameter's step under [`Matrix`] is.
 #[derive(Clone, Copy, Debug)]
 pub enum MatrixPart<K, E> {
-    /// The matrix-level step. `blend` runs element-wise over (p, g, [B, U]): it updates the
+    /// The matrix-level step. `blend` runs element-wise over (p, g, slots `[B, U]`): it updates the
     /// state B and writes the Newton–Schulz input U (p unchanged); `update` runs over
-    /// (p, g, [O]) with O the Newton–Schulz output and writes p (g unread).
+    /// (p, g, slots `[O]`) with O the Newton–Schulz output and writes p (g unread).
     Orthogonalized {
         /// The first pass.
         blend: K,
