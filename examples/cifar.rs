@@ -123,6 +123,8 @@ fn default_lr(model: Model, algo: Algo) -> f64 {
         Algo::AdamW | Algo::AdamP | Algo::AdaBelief | Algo::DiffGrad => (1e-2, 1e-3),
         Algo::Adan => (1e-2, 3e-3),
         Algo::Lion => (1e-3, 3e-4),
+        // Not swept: one rate for the matrices (Muon) and the auxiliary AdamW.
+        Algo::Muon => (3e-3, 3e-3),
     };
     match model {
         Model::Resnet => resnet,

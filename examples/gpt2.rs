@@ -158,6 +158,8 @@ fn default_lr(algo: Algo, preset: Preset) -> f64 {
         Algo::AdamW | Algo::AdamP | Algo::AdaBelief | Algo::DiffGrad => 1e-3,
         Algo::Adan => 3e-3,
         Algo::Lion => 1e-3,
+        // Not swept: one rate for the matrices (Muon) and the auxiliary AdamW.
+        Algo::Muon => 3e-3,
     }
 }
 

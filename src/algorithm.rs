@@ -13,15 +13,16 @@
 //! * [`ElementWise`]: every element independently ([`Kernel::apply`] over chunks);
 //! * [`RowProjected`]: two passes with per-row reductions between them ([`RowRule`], AdamP).
 //!
-//! A strategy whose update is a matrix iteration per weight (Muon) is one more marker type and
-//! one more variant of [`ExecutionKind`], implemented by the backend.
+//! * [`Matrix`]: an element-wise pass, a matrix iteration over whole weights (Newton–Schulz),
+//!   a second element-wise pass ([`MatrixRule`], Muon); the backend batches same-shape
+//!   matrices of a group into one batched matmul per iteration.
 
 use crate::elem::{Elem, Real};
 use crate::error::Result;
 use crate::reduce::Reducer;
 use arrayvec::ArrayVec;
 use candle_core::{Shape, Tensor};
-use serde::{de::DeserializeOwned, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::fmt::Debug;
 
 /// Most state tensors any algorithm keeps per parameter (Adan: m, n, d, q).
@@ -92,6 +93,8 @@ pub enum ExecutionKind {
     ElementWise,
     /// See [`RowProjected`].
     RowProjected,
+    /// See [`Matrix`].
+    Matrix,
 }
 
 /// An execution strategy for kernels `K`. Implemented by the backend (`src/backend/`) for the
@@ -100,8 +103,19 @@ pub trait Execution<K: Kernel>: 'static {
     /// The strategy, for dispatch where no typed hook is needed (CUDA launches by name).
     const KIND: ExecutionKind;
 
+    /// The element-wise rule the [`Matrix`] strategy delegates some parameters to (Muon's
+    /// auxiliary AdamW); the kernel itself for the other strategies.
+    type Aux: Kernel;
+
     /// Updates one whole tensor on the CPU in place.
     fn update_cpu<P: Elem>(k: &K, p: &mut [P], g: &[P], state: Slots<'_, P::Math>, shape: &Shape);
+
+    /// [`Matrix`] only: what this parameter's step is ([`MatrixRule::part`]). `None` for every
+    /// other strategy.
+    fn matrix_part(k: &K) -> Option<MatrixPart<K, Self::Aux>> {
+        let _ = k;
+        None
+    }
 }
 
 /// Strategy: each element is updated independently by [`Kernel::apply`]; the backend splits
@@ -114,6 +128,82 @@ pub struct ElementWise;
 /// element-wise through [`Kernel::apply`].
 #[derive(Clone, Copy, Debug)]
 pub struct RowProjected;
+
+/// Strategy: per parameter, either a matrix-level step (an element-wise pass, Newton–Schulz
+/// over the whole matrix, an element-wise pass) or an element-wise step of an auxiliary rule
+/// ([`MatrixRule`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Matrix;
+
+/// The element type Newton–Schulz runs in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NsDtype {
+    /// float32 matmuls (the default: exact enough on every device; CPU bf16 matmuls are slow).
+    #[default]
+    Float32,
+    /// bfloat16 matmuls, as `torch.optim.Muon` (the fast choice on CUDA).
+    Bfloat16,
+}
+
+/// One Newton–Schulz orthogonalization (ALGORITHMS.md §13): X = U / max(‖U‖_F, eps), on the
+/// wide orientation (transposed when rows > cols, transposed back), then `steps` times
+/// A = X Xᵀ, B = b·A + c·A², X = a·X + B X.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NewtonSchulz {
+    /// (a, b, c).
+    pub coefficients: (f64, f64, f64),
+    /// Number of iterations.
+    pub steps: usize,
+    /// Floor of the Frobenius norm the input is divided by.
+    pub eps: f64,
+    /// The matmuls' element type.
+    pub dtype: NsDtype,
+}
+
+/// The step scalars of a matrix-level step, for backends that run the element-wise passes as
+/// tensor operations instead of [`Kernel::apply`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MatrixScalars {
+    /// Momentum: B ← lerp(B, g·grad_scale, lerp_w).
+    pub lerp_w: f64,
+    /// Nesterov blend U = lerp(g, B, μ) when `Some(μ)`, U = B when `None`.
+    pub nesterov: Option<f64>,
+    /// Factor every gradient is multiplied by.
+    pub grad_scale: f64,
+    /// p ← p·decay − lr_adj·O.
+    pub decay: f64,
+    /// The adjusted learning rate.
+    pub lr_adj: f64,
+}
+
+/// What one parameter's step under [`Matrix`] is.
+#[derive(Clone, Copy, Debug)]
+pub enum MatrixPart<K, E> {
+    /// The matrix-level step. `blend` runs element-wise over (p, g, slots `[B, U]`): it updates the
+    /// state B and writes the Newton–Schulz input U (p unchanged); `update` runs over
+    /// (p, g, slots `[O]`) with O the Newton–Schulz output and writes p (g unread).
+    Orthogonalized {
+        /// The first pass.
+        blend: K,
+        /// The orthogonalization of U.
+        ns: NewtonSchulz,
+        /// The second pass.
+        update: K,
+        /// The scalars of both passes.
+        scalars: MatrixScalars,
+    },
+    /// An ordinary element-wise step of the auxiliary rule, over the parameter's own slots.
+    ElementWise(E),
+}
+
+/// The math of a [`Matrix`] kernel: which step each parameter takes.
+pub trait MatrixRule: Kernel {
+    /// The auxiliary element-wise rule (Muon: AdamW).
+    type Aux: Kernel;
+    /// This parameter's step.
+    fn part(&self) -> MatrixPart<Self, Self::Aux>;
+}
 
 /// Per-row sums of pass 1 of a [`RowProjected`] kernel, in f64: x·p, x·x, p·p, where x is the
 /// gradient as pass 1 returns it.
@@ -246,6 +336,14 @@ pub trait Algorithm:
     /// Names of the state tensors kept per parameter under this configuration, in the order the
     /// kernel receives them. All have the parameter's shape.
     fn slots(&self) -> &'static [Slot];
+
+    /// The state tensors of one parameter of shape `shape`: [`slots`](Self::slots) unless the
+    /// algorithm routes parameters by shape (Muon: matrices keep a momentum buffer, the other
+    /// parameters the auxiliary AdamW's two moments).
+    fn param_slots(&self, shape: &[usize]) -> &'static [Slot] {
+        let _ = shape;
+        self.slots()
+    }
 
     /// Bytes one step must move for a parameter of `numel` elements and rank `rank` whose
     /// elements take `param_bytes` each (state is f32): the floor of a fused step's memory

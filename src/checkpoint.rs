@@ -182,7 +182,7 @@ impl<A: Algorithm> Optim<A> {
                     )));
                 }
                 if let Some(slots) = &p.slots {
-                    for (slot, t) in g.config.slots().iter().zip(slots) {
+                    for (slot, t) in g.config.param_slots(p.var.dims()).iter().zip(slots) {
                         let mut b = blob(t)?;
                         b.shape = t.dims().to_vec();
                         tensors.push((format!("{}/{}", p.name, slot.name), b));
@@ -368,7 +368,7 @@ impl<A: Algorithm> Optim<A> {
                     Dtype::F32
                 };
                 let mut slots = Vec::new();
-                for slot in gs.config.slots() {
+                for slot in gs.config.param_slots(p.var.dims()) {
                     let key = format!("{}/{}", ps.name, slot.name);
                     let view = st
                         .tensor(&key)

@@ -395,7 +395,7 @@ impl<A: Algorithm> Optim<A> {
             .flat_map(|g| {
                 g.params
                     .iter()
-                    .map(|p| g.config.slots().len() * 4 * p.var.elem_count())
+                    .map(|p| g.config.param_slots(p.var.dims()).len() * 4 * p.var.elem_count())
             })
             .sum();
         bytes as f64 / n as f64
@@ -419,7 +419,7 @@ impl<A: Algorithm> Optim<A> {
             step: p.t,
             slots: match &p.slots {
                 Some(s) => config
-                    .slots()
+                    .param_slots(p.var.dims())
                     .iter()
                     .map(|s| s.name)
                     .zip(s.iter().cloned())
@@ -664,8 +664,8 @@ impl<A: Algorithm> Optim<A> {
         let mut out = Vec::new();
         let mut grad_it = present.iter();
         for group in &self.groups {
-            let nslots = group.config.slots().len();
             for p in &group.params {
+                let nslots = group.config.param_slots(p.var.dims()).len();
                 if let Some(Some(_)) = grad_it.next() {
                     out.push(if needs_slots(p, &group.config) {
                         let dt = state_dtype(p.var.dtype());
@@ -768,7 +768,7 @@ pub(crate) fn param_traffic_bytes<A: Algorithm>(
 fn needs_slots<A: Algorithm>(p: &Param<A>, config: &A) -> bool {
     p.slots
         .as_ref()
-        .is_none_or(|s| s.len() != config.slots().len())
+        .is_none_or(|s| s.len() != config.param_slots(p.var.dims()).len())
 }
 
 /// `c + 1`, the count a step will commit, or an error where it would overflow.

@@ -1,11 +1,49 @@
 //! Parameter groups: which parameters an optimizer updates, and with which hyperparameters.
 
 use crate::algorithm::Algorithm;
+use crate::algorithms::muon::MuonConfig;
 use crate::driver::{NonFinitePolicy, Optim, PoolVar};
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
 use candle_core::{DType, Var};
 use std::collections::HashSet;
+
+impl OptimBuilder<MuonConfig> {
+    /// Moves the parameters whose names match any of `patterns` (as
+    /// [`group_names`](Self::group_names)) into a group updated by AdamW (`use_muon = false`)
+    /// with the base configuration's rate, `weight_decay`, `adamw_betas` and `adamw_eps`: the
+    /// embeddings and the output head of the usual Muon setup. Parameters of rank ≠ 2 need no
+    /// pattern: every Muon group gives them the AdamW step already.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use candle_optim::{Muon, MuonConfig};
+    ///
+    /// let varmap = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    /// let _emb = candle_nn::embedding(10, 4, vb.pp("wte"))?;
+    /// let _fc = candle_nn::linear(4, 4, vb.pp("fc"))?; // weight: Muon; bias: AdamW
+    /// let opt = Muon::builder(MuonConfig { lr: 0.02, ..Default::default() })
+    ///     .varmap(&varmap)
+    ///     .adamw_for_with(&["wte*"], |c| c.lr = 3e-4)
+    ///     .build()?;
+    /// assert_eq!(opt.num_groups(), 2);
+    /// # Ok::<(), candle_optim::Error>(())
+    /// ```
+    pub fn adamw_for(self, patterns: &[&str]) -> Self {
+        self.adamw_for_with(patterns, |_| {})
+    }
+
+    /// Like [`adamw_for`](Self::adamw_for), with the group's configuration further changed by
+    /// `overrides` (its own `lr`, `weight_decay`, `adamw_betas`, ...).
+    pub fn adamw_for_with(self, patterns: &[&str], overrides: impl Fn(&mut MuonConfig)) -> Self {
+        self.group_names(patterns, |c| {
+            c.use_muon = false;
+            overrides(c)
+        })
+    }
+}
 
 /// Whether a parameter should be exempt from weight decay by the usual convention: tensors of
 /// rank 0 or 1 (biases, norm gains), and anything whose name has a `bias` segment or a segment

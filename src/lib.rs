@@ -42,7 +42,9 @@ mod registry;
 pub mod schedule;
 
 pub use accumulate::{GradAccumulator, Reduction};
+pub use algorithm::NsDtype;
 pub use algorithm::{Algorithm, Kernel};
+pub use algorithms::muon::AdjustLr;
 pub use algorithms::sgd_sai::GsnrMode;
 pub use driver::{GroupMemory, NonFinitePolicy, Optim, ParamState, SkipReason, StepReport};
 pub use error::{Error, Result};

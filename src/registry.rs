@@ -32,6 +32,8 @@ macro_rules! algorithm_table {
                 "Adan: adaptive Nesterov momentum (code-convention betas, proximal decay, global clipping).";
             Lion: lion::LionConfig as Lion,
                 "Lion: sign of an interpolated momentum, decoupled decay.";
+            Muon: muon::MuonConfig as Muon,
+                "Muon: Newton–Schulz-orthogonalized momentum for matrices, as `torch.optim.Muon`, with an auxiliary AdamW for the other parameters.";
         }
     };
 }

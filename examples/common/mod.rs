@@ -11,7 +11,7 @@ pub mod train;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use candle_optim::{Algo, Optimizer};
+use candle_optim::{Algo, Muon, MuonConfig, Optimizer};
 use serde_json::json;
 
 /// A small deterministic generator (xorshift64*), so runs are reproducible from `--seed`.
@@ -112,6 +112,8 @@ pub fn example_lr(algo: Algo) -> f64 {
         Algo::AdamW | Algo::AdamP | Algo::AdaBelief | Algo::DiffGrad => 1e-3,
         Algo::Adan => 2e-3,
         Algo::Lion => 1e-4,
+        // Not swept: one rate for the matrices (Muon) and the auxiliary AdamW.
+        Algo::Muon => 3e-3,
     }
 }
 
@@ -125,7 +127,8 @@ pub fn weight_decay_factor(algo: Algo) -> f64 {
         | Algo::AdamP
         | Algo::AdaBelief
         | Algo::DiffGrad
-        | Algo::Adan => 1.0,
+        | Algo::Adan
+        | Algo::Muon => 1.0,
     }
 }
 
@@ -143,8 +146,34 @@ pub fn make_optimizer(
     };
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let wd = wd * weight_decay_factor(algo);
+    if algo == Algo::Muon {
+        // The usual Muon setup: hidden matrices take Muon; embeddings and the output head
+        // (by name) take the auxiliary AdamW, and so do biases, norm gains and convolution
+        // kernels (rank ≠ 2, automatically), without weight decay for the rank ≤ 1 ones.
+        let cfg = MuonConfig {
+            lr,
+            weight_decay: wd,
+            ..Default::default()
+        };
+        let opt = Muon::builder(cfg)
+            .named_vars(vars)
+            .group(|n, _| is_embedding_or_head(n), |c| c.use_muon = false)
+            .no_decay_for_bias_and_norm()
+            .build()?;
+        return Ok(Box::new(opt));
+    }
     let hyper = json!({"lr": lr, "weight_decay": wd});
     algo.build_with(vars, &hyper, true)
+}
+
+/// Whether a parameter name has a segment naming an embedding or an output head.
+fn is_embedding_or_head(name: &str) -> bool {
+    name.split(['.', '/']).any(|s| {
+        matches!(
+            s,
+            "wte" | "wpe" | "lm_head" | "head" | "fc" | "classifier" | "cls_token" | "pos_embed"
+        ) || s.contains("embed")
+    })
 }
 
 pub fn median(xs: &[f64]) -> f64 {

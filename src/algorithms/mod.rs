@@ -7,4 +7,5 @@ pub mod adamw;
 pub mod adan;
 pub mod diffgrad;
 pub mod lion;
+pub mod muon;
 pub mod sgd_sai;

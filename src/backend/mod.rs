@@ -10,6 +10,7 @@ pub(crate) mod cuda;
 mod cuda_rows;
 #[cfg(feature = "cuda")]
 mod kernel_abi;
+mod matrix;
 mod rows;
 pub mod simd;
 
@@ -36,6 +37,7 @@ pub(crate) struct Work<'a, K> {
 
 impl<K: Kernel> Execution<K> for ElementWise {
     const KIND: ExecutionKind = ExecutionKind::ElementWise;
+    type Aux = K;
 
     fn update_cpu<P: Elem>(k: &K, p: &mut [P], g: &[P], s: Slots<'_, P::Math>, _: &Shape) {
         cpu::par_apply(k, p, g, s);
@@ -47,6 +49,10 @@ impl<K: Kernel> Execution<K> for ElementWise {
 /// The caller has checked that each grad matches its param (shape, dtype, device), that both
 /// are contiguous, and that the grad shares storage with neither the param nor any slot.
 pub(crate) fn update<K: Kernel>(items: &[Work<'_, K>]) -> Result<()> {
+    if <K::Execution as Execution<K>>::KIND == ExecutionKind::Matrix {
+        // Newton–Schulz runs with candle's tensor ops on any device, over the whole group.
+        return matrix::update(items);
+    }
     #[cfg(feature = "cuda")]
     {
         let (cuda, rest): (Vec<&Work<'_, K>>, Vec<&Work<'_, K>>) = items
@@ -58,6 +64,7 @@ pub(crate) fn update<K: Kernel>(items: &[Work<'_, K>]) -> Result<()> {
             match <K::Execution as Execution<K>>::KIND {
                 ExecutionKind::ElementWise => cuda::elementwise(&ws)?,
                 ExecutionKind::RowProjected => cuda_rows::update(&ws)?,
+                ExecutionKind::Matrix => matrix::update(&ws)?,
             }
         }
         for w in rest {

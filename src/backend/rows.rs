@@ -18,6 +18,7 @@ use std::cell::RefCell;
 
 impl<K: RowRule> Execution<K> for RowProjected {
     const KIND: ExecutionKind = ExecutionKind::RowProjected;
+    type Aux = K;
 
     fn update_cpu<P: Elem>(k: &K, p: &mut [P], g: &[P], s: Slots<'_, P::Math>, shape: &Shape) {
         update(k, p, g, s, shape)

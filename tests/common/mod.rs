@@ -12,8 +12,12 @@ pub struct Entry {
     pub label: &'static str,
     /// Hyperparameters with the official names (missing ones take the defaults).
     pub hyper: Value,
-    /// State bytes per element for f32 parameters.
+    /// State bytes per element for f32 parameters (matrices, for an algorithm that routes by
+    /// rank).
     pub state_bytes: usize,
+    /// State bytes per element for f32 parameters of rank ≠ 2 (Muon's auxiliary AdamW); equal
+    /// to `state_bytes` for every algorithm that does not route by rank.
+    pub state_bytes_other: usize,
     /// Hyperparameter sets that must be rejected.
     pub invalid: Vec<Value>,
 }
@@ -52,6 +56,7 @@ fn entries(algo: Algo) -> Vec<Entry> {
         label,
         hyper,
         state_bytes,
+        state_bytes_other: state_bytes,
         invalid,
     };
     match algo {
@@ -133,6 +138,38 @@ fn entries(algo: Algo) -> Vec<Entry> {
             4,
             with(bad_common(), bad_betas2()),
         )],
+        Algo::Muon => vec![
+            // Matrices take Muon (a momentum buffer), the rest the auxiliary AdamW (2 moments).
+            Entry {
+                state_bytes_other: 8,
+                ..entry(
+                    "muon",
+                    json!({}),
+                    4,
+                    with(
+                        bad_common(),
+                        vec![
+                            json!({"momentum": -0.5}),
+                            json!({"ns_steps": 100}),
+                            json!({"eps": -1e-7}),
+                            json!({"adamw_betas": [1.0, 0.95]}),
+                            json!({"adamw_eps": -1e-10}),
+                        ],
+                    ),
+                )
+            },
+            Entry {
+                state_bytes_other: 8,
+                ..entry(
+                    "muon_nesterov_off_match_rms_bf16",
+                    json!({"nesterov": false, "adjust_lr_fn": "match_rms_adamw", "ns_dtype": "bfloat16"}),
+                    4,
+                    vec![],
+                )
+            },
+            // A group of AdamW parameters (embeddings, heads) of a Muon optimizer.
+            entry("muon_adamw_group", json!({"use_muon": false}), 8, vec![]),
+        ],
     }
 }
 
@@ -140,7 +177,13 @@ fn entries(algo: Algo) -> Vec<Entry> {
 pub fn scalar_bytes_per_tensor(algo: Algo) -> usize {
     match algo {
         Algo::SgdSai => 4, // the g-SNR
-        Algo::AdamW | Algo::AdamP | Algo::AdaBelief | Algo::DiffGrad | Algo::Adan | Algo::Lion => 0,
+        Algo::AdamW
+        | Algo::AdamP
+        | Algo::AdaBelief
+        | Algo::DiffGrad
+        | Algo::Adan
+        | Algo::Lion
+        | Algo::Muon => 0,
     }
 }
 

@@ -6,7 +6,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_optim::{
     AdaBeliefConfig, AdamPConfig, AdamWConfig, AdanConfig, Algo, DiffGradConfig, LionConfig,
-    SgdSaiConfig,
+    MuonConfig, SgdSaiConfig,
 };
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
@@ -243,6 +243,7 @@ fn config_keys(algo: Algo) -> Res<BTreeSet<String>> {
         Algo::DiffGrad => keys::<DiffGradConfig>(),
         Algo::Adan => keys::<AdanConfig>(),
         Algo::Lion => keys::<LionConfig>(),
+        Algo::Muon => keys::<MuonConfig>(),
     }
 }
 
@@ -291,6 +292,138 @@ fn str_field<'a>(v: &'a Value, what: &str) -> Res<&'a str> {
         .ok_or_else(|| format!("`{what}` is missing or not a string").into())
 }
 
+/// The tolerance rule of a trace's family.
+enum Rule {
+    /// `fp32`: per element, `|x − ref| ≤ rtol·(|ref| + S_i)`.
+    Elementwise { rtol: f64, scales: Vec<f64> },
+    /// `muon`: per tensor and step, `‖x − ref‖_F ≤ ns_rtol·D[i][t−1] + f32_rtol·‖ref‖_F`.
+    Muon {
+        ns_rtol: f64,
+        f32_rtol: f64,
+        path: Vec<Vec<f64>>,
+    },
+}
+
+impl Rule {
+    /// The error of parameter `i` after step `t` as a fraction of its tolerance (∞ for NaN).
+    fn error(&self, i: usize, t: usize, x: &[f32], r: &[f32]) -> f64 {
+        let err = match self {
+            Rule::Elementwise { rtol, scales } => x
+                .iter()
+                .zip(r)
+                .map(|(a, b)| {
+                    (*a as f64 - *b as f64).abs() / (rtol * ((*b as f64).abs() + scales[i]))
+                })
+                .fold(
+                    0f64,
+                    |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) },
+                ),
+            Rule::Muon {
+                ns_rtol,
+                f32_rtol,
+                path,
+            } => {
+                let (mut d2, mut r2) = (0f64, 0f64);
+                for (a, b) in x.iter().zip(r) {
+                    let (a, b) = (*a as f64, *b as f64);
+                    d2 += (a - b) * (a - b);
+                    r2 += b * b;
+                }
+                d2.sqrt() / (ns_rtol * path[i][t - 1] + f32_rtol * r2.sqrt())
+            }
+        };
+        if err.is_nan() {
+            f64::INFINITY
+        } else {
+            err
+        }
+    }
+}
+
+/// The `muon` family's tolerance, after checking its metadata (README "Family muon"): every
+/// parameter a matrix, `muon.decay_factor` = 1 − lr·weight_decay, `muon.adjusted_lr` what
+/// `adjust_lr_fn` gives for each shape, a known `ns_dtype`, positive `ns_rtol` and `f32_rtol`,
+/// and per parameter `steps` path lengths, finite, ≥ 0 and non-decreasing.
+fn muon_rule(meta: &Value, nparams: usize, steps: usize) -> Res<Rule> {
+    let hp = &meta["hyperparameters"];
+    let m = &meta["muon"];
+    let tol = &meta["tolerance"];
+    let lr = f64_field(&hp["lr"], "hyperparameters.lr")?;
+    let wd = f64_field(&hp["weight_decay"], "hyperparameters.weight_decay")?;
+    let d = f64_field(&m["decay_factor"], "muon.decay_factor")?;
+    if (d - (1.0 - lr * wd)).abs() > 1e-12 {
+        return Err(format!("muon.decay_factor {d} is not 1 - lr*weight_decay").into());
+    }
+    match str_field(&m["ns_dtype"], "muon.ns_dtype")? {
+        "bfloat16" | "float32" => {}
+        other => return Err(format!("unknown muon.ns_dtype {other:?}").into()),
+    }
+    let adjust = match &hp["adjust_lr_fn"] {
+        Value::Null => candle_optim::AdjustLr::Original,
+        v => serde_json::from_value(v.clone())
+            .map_err(|e| format!("hyperparameters.adjust_lr_fn: {e}"))?,
+    };
+    let adjusted = m["adjusted_lr"]
+        .as_array()
+        .ok_or("no muon.adjusted_lr list")?;
+    let params = meta["params"].as_array().ok_or("no params")?;
+    if adjusted.len() != nparams || params.len() != nparams {
+        return Err(format!("{} adjusted rates for {nparams} parameters", adjusted.len()).into());
+    }
+    for (i, (a, p)) in adjusted.iter().zip(params).enumerate() {
+        let a = f64_field(a, "muon.adjusted_lr[i]")?;
+        let shape: Vec<usize> = p["shape"]
+            .as_array()
+            .ok_or("params[i]: no shape")?
+            .iter()
+            .map(|d| usize_field(d, "params[i].shape"))
+            .collect::<Res<_>>()?;
+        let [rows, cols] = shape[..] else {
+            return Err(format!("p{i} has shape {shape:?}: Muon traces hold matrices").into());
+        };
+        let want = lr * adjust.ratio(rows, cols);
+        if (a - want).abs() > 1e-9 * want.abs().max(1e-12) {
+            return Err(format!("muon.adjusted_lr[{i}] = {a}, expected {want}").into());
+        }
+    }
+    let ns_rtol = f64_field(&tol["ns_rtol"], "tolerance.ns_rtol")?;
+    let f32_rtol = f64_field(&tol["f32_rtol"], "tolerance.f32_rtol")?;
+    if !(ns_rtol > 0.0 && ns_rtol < 1.0 && f32_rtol > 0.0 && f32_rtol < 1e-3) {
+        return Err(
+            format!("tolerance ns_rtol {ns_rtol} / f32_rtol {f32_rtol} out of range").into(),
+        );
+    }
+    let path: Vec<Vec<f64>> = tol["path_length"]
+        .as_array()
+        .ok_or("no tolerance.path_length")?
+        .iter()
+        .map(|row| {
+            let row: Vec<f64> = row
+                .as_array()
+                .ok_or("tolerance.path_length[i] is not a list")?
+                .iter()
+                .map(|v| f64_field(v, "tolerance.path_length[i][t]"))
+                .collect::<Res<_>>()?;
+            let ordered = row.windows(2).all(|w| w[0] <= w[1]);
+            if row.len() != steps || !ordered || row.iter().any(|v| !v.is_finite() || *v < 0.0) {
+                return Err(format!(
+                    "tolerance.path_length[i] must hold {steps} finite, non-negative, non-decreasing lengths"
+                )
+                .into());
+            }
+            Ok(row)
+        })
+        .collect::<Res<_>>()?;
+    if path.len() != nparams {
+        return Err(format!("{} path lengths for {nparams} parameters", path.len()).into());
+    }
+    Ok(Rule::Muon {
+        ns_rtol,
+        f32_rtol,
+        path,
+    })
+}
+
 /// Replays one trace file on `device` (gradients computed on the host, uploaded each step).
 pub fn run_case(file: &Path, device: &Device) -> Res<(String, Outcome, State)> {
     run_trace(&std::fs::read(file)?, device)
@@ -311,16 +444,31 @@ pub fn run_trace(bytes: &[u8], device: &Device) -> Res<(String, Outcome, State)>
     let name = str_field(&meta["name"], "name")?.to_string();
     let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)?;
     let opt_name = str_field(&meta["optimizer"], "optimizer")?;
-    let family = meta["family"].as_str().unwrap_or("fp32");
-    if family != "fp32" {
-        return Ok((
-            name,
-            Outcome::Skipped(format!("family {family} is not implemented")),
-            Vec::new(),
-        ));
+    let family = match &meta["family"] {
+        Value::Null => "fp32",
+        f => str_field(f, "family")?,
+    };
+    let muon = match family {
+        "fp32" => false,
+        "muon" => true,
+        _ => {
+            return Ok((
+                name,
+                Outcome::Skipped(format!("family {family} is not implemented")),
+                Vec::new(),
+            ))
+        }
+    };
+    let version = if muon { 2 } else { 1 };
+    if meta["format_version"].as_u64() != Some(version) {
+        return Err(format!(
+            "format_version {} of a {family} trace",
+            meta["format_version"]
+        )
+        .into());
     }
-    if meta["format_version"].as_u64() != Some(1) {
-        return Err(format!("format_version {} of an fp32 trace", meta["format_version"]).into());
+    if muon != (opt_name == "muon") {
+        return Err(format!("optimizer {opt_name} in a {family} trace").into());
     }
     let Some(algo) = Algo::from_name(opt_name) else {
         return Ok((
@@ -336,22 +484,33 @@ pub fn run_trace(bytes: &[u8], device: &Device) -> Res<(String, Outcome, State)>
     }
     let params = meta["params"].as_array().ok_or("no params")?;
     let tol = &meta["tolerance"];
-    let rtol = f64_field(&tol["rtol"], "tolerance.rtol")?;
-    let gsnr_rtol = f64_field(&tol["gsnr_rtol"], "tolerance.gsnr_rtol")?;
-    let scales: Vec<f64> = tol["trajectory_scale"]
-        .as_array()
-        .ok_or("no trajectory_scale")?
-        .iter()
-        .map(|v| f64_field(v, "tolerance.trajectory_scale[i]"))
-        .collect::<Res<_>>()?;
-    if scales.len() != params.len() {
-        return Err(format!(
-            "{} trajectory scales for {} parameters",
-            scales.len(),
-            params.len()
-        )
-        .into());
-    }
+    let rule = if muon {
+        muon_rule(&meta, params.len(), steps)?
+    } else {
+        let scales: Vec<f64> = tol["trajectory_scale"]
+            .as_array()
+            .ok_or("no trajectory_scale")?
+            .iter()
+            .map(|v| f64_field(v, "tolerance.trajectory_scale[i]"))
+            .collect::<Res<_>>()?;
+        if scales.len() != params.len() {
+            return Err(format!(
+                "{} trajectory scales for {} parameters",
+                scales.len(),
+                params.len()
+            )
+            .into());
+        }
+        Rule::Elementwise {
+            rtol: f64_field(&tol["rtol"], "tolerance.rtol")?,
+            scales,
+        }
+    };
+    let gsnr_rtol = if opt_name == "sgd_sai" {
+        f64_field(&tol["gsnr_rtol"], "tolerance.gsnr_rtol")?
+    } else {
+        0.0
+    };
     let closed = match str_field(&meta["loop"], "loop")? {
         "open" => false,
         "closed" => true,
@@ -501,15 +660,7 @@ pub fn run_trace(bytes: &[u8], device: &Device) -> Res<(String, Outcome, State)>
                     format!("{key}: {} values, {key}.step.{t} has {}", x.len(), r.len()).into(),
                 );
             }
-            let mut err = 0f64;
-            for (a, b) in x.iter().zip(&r) {
-                let e = (*a as f64 - *b as f64).abs() / (rtol * ((*b as f64).abs() + scales[i]));
-                err = if e.is_nan() {
-                    f64::INFINITY
-                } else {
-                    err.max(e)
-                };
-            }
+            let err = rule.error(i, t, &x, &r);
             worst = worst.max(err);
             if err > 1.0 {
                 return Ok((
