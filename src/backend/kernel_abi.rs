@@ -21,4 +21,4 @@ pub(crate) const ENTRY_BYTES: usize = 208;
 pub(crate) const ROW_SEG: u64 = 1024;
 
 const _: () = assert!(ENTRY_BYTES == 8 * (2 + MAX_SLOTS + 4) + PARAM_BYTES);
-const _: () = assert!(PARAM_BYTES % 8 == 0);
+const _: () = assert!(PARAM_BYTES.is_multiple_of(8));
