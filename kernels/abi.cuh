@@ -4,6 +4,6 @@
 #define CO_CHUNK 16384
 #define CO_THREADS 256
 #define CO_MAX_SLOTS 4
-#define CO_WORDS 16
+#define CO_PARAM_BYTES 128
 #define CO_ENTRY_BYTES 208
 #define CO_ROW_SEG 1024

@@ -1,20 +1,19 @@
 // AdaBelief (adabelief-pytorch 0.2.1), one fused pass. Mirrors src/algorithms/adabelief.rs.
 // Slots: s[0] exp_avg, s[1] exp_avg_var, s[2] max_exp_avg_var (amsgrad).
-// Words: 0 decay (1 - lr*wd, 1 - wd with fixed_decay, 1 for L2), 1 coupled L2 coefficient,
-//        2 beta1, 3 beta2, 4 eps, 5 sqrt(bc2), 6 step (lr/bc1, k*lr rectified, lr/bc1 SGD),
-//        7 mode (0 Adam, 1 rectified, 2 SGD, 3 no step), 8 grad scale, 9 amsgrad (0/1).
+// Scalars: AdaBeliefParams (params.cuh, generated from src/algorithms/adabelief.rs, which
+// documents each field; mode: 0 Adam, 1 rectified, 2 SGD, 3 no step).
 #include "common.cuh"
 
 template <typename P>
 __device__ void adabelief(const TensorEntry* __restrict__ ts, const BlockEntry* __restrict__ bs) {
   typedef typename Elem<P>::M M;
   CO_TENSOR(t)
-  const double* w = t.w;
-  const M decay = (M)w[0], l2 = (M)w[1], b1 = (M)w[2], ob1 = (M)(1.0 - w[2]);
-  const M b2 = (M)w[3], ob2 = (M)(1.0 - w[3]), eps = (M)w[4], bc2s = (M)w[5];
-  const M neg_step = (M)(-w[6]), gs = (M)w[8];
-  const int mode = (int)w[7];
-  const bool coupled = w[1] != 0.0, amsgrad = w[9] != 0.0;
+  const AdaBeliefParams& q = co_params<AdaBeliefParams>(t);
+  const M decay = (M)q.decay, l2 = (M)q.l2, b1 = (M)q.beta1, ob1 = (M)(1.0 - q.beta1);
+  const M b2 = (M)q.beta2, ob2 = (M)(1.0 - q.beta2), eps = (M)q.eps, bc2s = (M)q.bc2_sqrt;
+  const M neg_step = (M)(-q.step), gs = (M)q.grad_scale;
+  const int mode = (int)q.mode;
+  const bool coupled = q.l2 != 0.0, amsgrad = q.amsgrad != 0;
   // s[0] m, s[1] var, s[2] max var (amsgrad)
   co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {
     const M p0 = p;

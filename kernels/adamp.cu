@@ -1,7 +1,6 @@
 // AdamP (clovaai/AdamP 0.3.0) on the GPU. Mirrors src/algorithms/adamp.rs.
-// Slots: s[0] exp_avg, s[1] exp_avg_sq. Words (AdamPKernel::words): 0 beta1, 1 beta2,
-// 2 sqrt(bc2), 3 eps, 4 step size lr/bc1, 5 lr*wd, 6 wd_ratio, 7 delta, 8 nesterov (0/1),
-// 9 grad scale.
+// Slots: s[0] exp_avg, s[1] exp_avg_sq. Scalars: AdamPParams (params.cuh, generated from
+// src/algorithms/adamp.rs, which documents each field; AdamPKernel::params fills it).
 //
 // Tensors of rank >= 2 (t.rows rows of t.row_len elements; their rows start at t.off in the
 // row buffers) take five launches:
@@ -23,9 +22,10 @@
 template <typename M> struct AdamPScalars {
   M b1, ob1, b2, ob2, bc2s, eps, gs, neg_ss;
   bool nesterov;
-  __device__ __forceinline__ AdamPScalars(const double* w)
-      : b1((M)w[0]), ob1((M)(1.0 - w[0])), b2((M)w[1]), ob2((M)(1.0 - w[1])), bc2s((M)w[2]),
-        eps((M)w[3]), gs((M)w[9]), neg_ss((M)(-w[4])), nesterov(w[8] != 0.0) {}
+  __device__ __forceinline__ AdamPScalars(const AdamPParams& q)
+      : b1((M)q.beta1), ob1((M)(1.0 - q.beta1)), b2((M)q.beta2), ob2((M)(1.0 - q.beta2)),
+        bc2s((M)q.bc2_sqrt), eps((M)q.eps), gs((M)q.grad_scale), neg_ss((M)(-q.step_size)),
+        nesterov(q.nesterov != 0) {}
   __device__ __forceinline__ M u(M mi, M vi, M gi) const {
     const M denom = sqrt(vi) / bc2s + eps;
     return nesterov ? (b1 * mi + ob1 * gi) / denom : mi / denom;
@@ -104,7 +104,7 @@ __device__ void adamp_pass1(const TensorEntry* __restrict__ ts, const BlockEntry
   typedef typename Elem<P>::M M;
   const BlockEntry blk = bs[blockIdx.x];
   const TensorEntry& t = ts[blk.tensor];
-  const AdamPScalars<M> c(t.w);
+  const AdamPScalars<M> c(co_params<AdamPParams>(t));
   const Segment s = segment_of(t, blk.chunk);
   if (!s.valid) return;
   double gp = 0.0, gg = 0.0, pp = 0.0;
@@ -133,7 +133,8 @@ extern "C" __global__ void __launch_bounds__(CO_THREADS)
     adamp_decide(const TensorEntry* __restrict__ ts, const double* __restrict__ rows,
                  double* __restrict__ mode) {
   const TensorEntry& t = ts[blockIdx.x];
-  const double eps = t.w[3], delta = t.w[7];
+  const AdamPParams& q = co_params<AdamPParams>(t);
+  const double eps = q.eps, delta = q.delta;
   double mx = -1.0, gp = 0.0, gg = 0.0, pp = 0.0;
   for (unsigned long long r = threadIdx.x; r < t.rows; r += blockDim.x) {
     const double* s = rows + 3 * (t.off + r);
@@ -174,7 +175,7 @@ __device__ void adamp_pu(const TensorEntry* __restrict__ ts, const BlockEntry* _
   const double md = mode[4 * blk.tensor];
   if (md == 0.0) return;
   const TensorEntry& t = ts[blk.tensor];
-  const AdamPScalars<M> c(t.w);
+  const AdamPScalars<M> c(co_params<AdamPParams>(t));
   const Segment s = segment_of(t, blk.chunk);
   if (!s.valid) return;
   double acc = 0.0;
@@ -198,7 +199,7 @@ extern "C" __global__ void __launch_bounds__(CO_THREADS)
   const BlockEntry blk = bs[blockIdx.x];
   const TensorEntry& t = ts[blk.tensor];
   const unsigned long long r = (unsigned long long)blk.chunk * CO_THREADS + threadIdx.x;
-  const double md = mode[4 * blk.tensor], eps = t.w[3];
+  const double md = mode[4 * blk.tensor], eps = co_params<AdamPParams>(t).eps;
   if (md == 0.0 || r >= t.rows || (md == 2.0 && r > 0)) return;
   // p̂ = p/(||p|| + eps): eps added to the norm, not a clamp.
   const double d = (md == 1.0 ? sqrt(rows[3 * (t.off + r) + 2]) : mode[4 * blk.tensor + 1]) + eps;
@@ -211,9 +212,10 @@ __device__ void adamp_pass2(const TensorEntry* __restrict__ ts, const BlockEntry
                             const double* __restrict__ mode, const double* __restrict__ coef) {
   typedef typename Elem<P>::M M;
   CO_TENSOR(t)
-  const AdamPScalars<M> c(t.w);
+  const AdamPParams& q = co_params<AdamPParams>(t);
+  const AdamPScalars<M> c(q);
   const double md = mode[4 * co_b.tensor];
-  const double lr_wd = t.w[5], r = md != 0.0 ? t.w[6] : 1.0;
+  const double lr_wd = q.lr_wd, r = md != 0.0 ? q.wd_ratio : 1.0;
   const M decay = lr_wd > 0.0 ? (M)(1.0 - lr_wd * r) : M(1);
   const M linv = (M)coef[2 * t.off], lcoef = (M)coef[2 * t.off + 1];  // layer view
   const unsigned int row_len = (unsigned int)t.row_len;
@@ -236,8 +238,9 @@ template <typename P>
 __device__ void adamp_plain(const TensorEntry* __restrict__ ts, const BlockEntry* __restrict__ bs) {
   typedef typename Elem<P>::M M;
   CO_TENSOR(t)
-  const AdamPScalars<M> c(t.w);
-  const M decay = t.w[5] > 0.0 ? (M)(1.0 - t.w[5]) : M(1);
+  const AdamPParams& q = co_params<AdamPParams>(t);
+  const AdamPScalars<M> c(q);
+  const M decay = q.lr_wd > 0.0 ? (M)(1.0 - q.lr_wd) : M(1);
   co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {
     const M gi = g * c.gs;
     const M mi = s[0] * c.b1 + c.ob1 * gi;

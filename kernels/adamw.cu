@@ -1,19 +1,18 @@
 // AdamW (torch.optim.AdamW, single-tensor math), one fused pass. Mirrors
-// src/algorithms/adamw.rs (AdamWKernel::words gives the scalars in this order).
-// Slots: s[0] exp_avg, s[1] exp_avg_sq, s[2] max_exp_avg_sq (amsgrad).
-// Words: 0 decay = 1 - lr*wd, 1 lerp weight 1 - beta1, 2 beta2, 3 1 - beta2,
-//        4 sqrt(bias_correction2), 5 step size lr/bias_correction1, 6 eps,
-//        7 grad scale (clipping; negative for maximize), 8 amsgrad (0/1).
+// src/algorithms/adamw.rs. Slots: s[0] exp_avg, s[1] exp_avg_sq, s[2] max_exp_avg_sq (amsgrad).
+// Scalars: AdamWParams (params.cuh, generated from src/algorithms/adamw.rs, which documents each
+// field; AdamWKernel::params fills it).
 #include "common.cuh"
 
 template <typename P>
 __device__ void adamw(const TensorEntry* __restrict__ ts, const BlockEntry* __restrict__ bs) {
   typedef typename Elem<P>::M M;
   CO_TENSOR(t)
-  const double* w = t.w;
-  const M decay = (M)w[0], lw = (M)w[1], lw1 = M(1) - lw, b2 = (M)w[2], ob2 = (M)w[3];
-  const M bc2s = (M)w[4], neg_step = (M)(-w[5]), eps = (M)w[6], gs = (M)w[7];
-  const bool small_w = w[1] < 0.5, amsgrad = w[8] != 0.0;
+  const AdamWParams& q = co_params<AdamWParams>(t);
+  const M decay = (M)q.decay, lw = (M)q.lerp_w, lw1 = M(1) - lw, b2 = (M)q.beta2;
+  const M ob2 = (M)q.one_minus_beta2, bc2s = (M)q.bc2_sqrt, neg_step = (M)(-q.step_size);
+  const M eps = (M)q.eps, gs = (M)q.grad_scale;
+  const bool small_w = q.lerp_w < 0.5, amsgrad = q.amsgrad != 0;
   co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {
     const M gi = g * gs;
     const M pi = p * decay;

@@ -1,8 +1,15 @@
 //! The build script (Cargo.toml: `build = "kernels/build.rs"`). With the `cuda` feature it
 //! compiles every `kernels/*.cu` to PTX for `compute_80` (A100, H100,
 //! H200, ...) with nvcc, into `$OUT_DIR/<name>.ptx`, which `src/backend/cuda.rs` embeds.
-//! Without the feature it only checks that the committed `kernels/abi.cuh` is the one generated
-//! from `src/backend/kernel_abi.rs` (the sizes both sides share), so a drift fails every build.
+//! With or without the feature it generates the interface both sides share and fails the build
+//! when a committed header differs from what it generates:
+//!
+//! * `kernels/abi.cuh` from `src/backend/kernel_abi.rs` (the table sizes);
+//! * `kernels/params.cuh` from the `// cuda-params` structs of `src/algorithms/*.rs` and
+//!   `src/reduce.rs` (each kernel's step scalars; `kernels/params_gen.rs`), plus
+//!   `$OUT_DIR/params.rs`, their Rust side (included by `src/algorithm.rs`).
+
+mod params_gen;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,7 +30,6 @@ fn nvcc() -> PathBuf {
 }
 
 const ABI_RS: &str = "src/backend/kernel_abi.rs";
-const ABI_CUH: &str = "kernels/abi.cuh";
 
 /// `#define CO_NAME VALUE` for every `pub(crate) const NAME: TYPE = VALUE;` line of `rs`.
 fn abi_header(rs: &str) -> String {
@@ -45,18 +51,73 @@ fn abi_header(rs: &str) -> String {
     out
 }
 
-fn check_abi(out: &Path) {
-    println!("cargo:rerun-if-changed={ABI_RS}");
-    println!("cargo:rerun-if-changed={ABI_CUH}");
-    let rs = std::fs::read_to_string(ABI_RS).expect("src/backend/kernel_abi.rs");
-    let want = abi_header(&rs);
-    std::fs::write(out.join("abi.cuh"), &want).expect("write $OUT_DIR/abi.cuh");
-    let have = std::fs::read_to_string(ABI_CUH).unwrap_or_default();
+/// Writes `want` to `$OUT_DIR/<name>` and fails the build unless the committed `kernels/<name>`
+/// is the same.
+fn check_committed(out: &Path, name: &str, want: &str, from: &str) {
+    let committed = format!("kernels/{name}");
+    println!("cargo:rerun-if-changed={committed}");
+    std::fs::write(out.join(name), want).expect("write a generated header to $OUT_DIR");
+    let have = std::fs::read_to_string(&committed).unwrap_or_default();
     assert!(
         have == want,
-        "{ABI_CUH} differs from what {ABI_RS} generates: copy $OUT_DIR/abi.cuh ({}) over it",
-        out.join("abi.cuh").display()
+        "{committed} differs from what {from} generates: copy {} over it",
+        out.join(name).display()
     );
+}
+
+/// The value of `pub(crate) const NAME: TYPE = VALUE;` in `rs`.
+fn abi_const(rs: &str, name: &str) -> usize {
+    let prefix = format!("pub(crate) const {name}:");
+    let line = rs
+        .lines()
+        .find(|l| l.trim().starts_with(&prefix))
+        .unwrap_or_else(|| panic!("{ABI_RS} defines no {name}"));
+    let v = line.split_once('=').expect("const NAME: TYPE = VALUE;").1;
+    v.trim()
+        .trim_end_matches(';')
+        .parse()
+        .expect("a literal value")
+}
+
+fn check_abi(out: &Path) {
+    println!("cargo:rerun-if-changed={ABI_RS}");
+    let rs = std::fs::read_to_string(ABI_RS).expect("src/backend/kernel_abi.rs");
+    check_committed(out, "abi.cuh", &abi_header(&rs), ABI_RS);
+
+    // The parameter structs: every algorithm module, and the reductions'.
+    let mut files: Vec<PathBuf> = std::fs::read_dir("src/algorithms")
+        .expect("src/algorithms")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+        .collect();
+    files.sort();
+    files.push(PathBuf::from("src/reduce.rs"));
+    println!("cargo:rerun-if-changed=src/algorithms");
+    let mut structs = Vec::new();
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+        let src = std::fs::read_to_string(f).expect("a Rust source file");
+        let stem = f.file_stem().unwrap().to_string_lossy().into_owned();
+        let module = match stem.as_str() {
+            "reduce" => "crate::reduce".to_string(),
+            "mod" => "crate::algorithms".to_string(),
+            m => format!("crate::algorithms::{m}"),
+        };
+        let file = f.display().to_string();
+        structs.extend(params_gen::parse(&src, &module, &file).unwrap_or_else(|e| panic!("{e}")));
+    }
+    check_committed(
+        out,
+        "params.cuh",
+        &params_gen::c_header(&structs),
+        "the `// cuda-params` structs",
+    );
+    let area = abi_const(&rs, "PARAM_BYTES");
+    std::fs::write(
+        out.join("params.rs"),
+        params_gen::rust_impls(&structs, area),
+    )
+    .expect("write $OUT_DIR/params.rs");
 }
 
 fn main() {

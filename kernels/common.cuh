@@ -3,8 +3,9 @@
 //
 // One launch updates many tensors. The host passes two tables:
 //   TensorEntry[t]: device pointers of parameter t, its gradient and up to four state slots,
-//                   its length, and its step scalars `w` (computed on the host in f64 by the
-//                   algorithm's Rust module, in the order documented in each .cu file);
+//                   its length, and its step scalars: the kernel's parameter struct (computed
+//                   on the host in f64 by the algorithm's Rust module; declared in params.cuh,
+//                   generated from the Rust definition), read with co_params<XParams>(t);
 //   BlockEntry[b]:  which tensor and which chunk of CO_CHUNK elements block b processes.
 // Parameters are float, double, __nv_bfloat16 or __half; math and state are float (double
 // for double parameters), exactly as on the CPU.
@@ -12,9 +13,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-// CO_CHUNK, CO_THREADS, CO_MAX_SLOTS, CO_WORDS, CO_ENTRY_BYTES, CO_ROW_SEG: generated from
-// src/backend/kernel_abi.rs, the host's own constants.
+// CO_CHUNK, CO_THREADS, CO_MAX_SLOTS, CO_PARAM_BYTES, CO_ENTRY_BYTES, CO_ROW_SEG: generated
+// from src/backend/kernel_abi.rs, the host's own constants.
 #include "abi.cuh"
+// Every kernel's parameter struct (SgdSaiParams, AdamWParams, ..., ReduceParams): generated
+// from the `// cuda-params` structs of the Rust modules, layouts asserted on both sides.
+#include "params.cuh"
 
 struct TensorEntry {
   unsigned long long p, g, s[CO_MAX_SLOTS];
@@ -22,9 +26,18 @@ struct TensorEntry {
   unsigned long long rows;     // AdamP: shape[0]
   unsigned long long row_len;  // AdamP: n / rows
   unsigned long long off;      // AdamP: index of the tensor's first row in the row buffers
-  double w[CO_WORDS];
+  // The kernel's parameter struct, written by the host field by field at the offsets
+  // params.cuh asserts (padding zero); read only through co_params.
+  alignas(8) unsigned char params[CO_PARAM_BYTES];
 };
 static_assert(sizeof(TensorEntry) == CO_ENTRY_BYTES, "TensorEntry layout is shared with src/backend/cuda.rs");
+
+// The parameter struct T of tensor entry t (T one of params.cuh's structs, which are asserted to
+// fit the area; the area is 8-aligned, as every field is at most 8 bytes).
+template <typename T> __device__ __forceinline__ const T& co_params(const TensorEntry& t) {
+  static_assert(sizeof(T) <= CO_PARAM_BYTES && alignof(T) <= 8, "fits TensorEntry::params");
+  return *reinterpret_cast<const T*>(t.params);
+}
 
 struct BlockEntry {
   unsigned int tensor;
@@ -116,7 +129,7 @@ template <typename M> __device__ __forceinline__ M max_nan(M a, M b) {
 #define CO_TENSOR(t)                     \
   const BlockEntry co_b = bs[blockIdx.x]; \
   const TensorEntry& t = ts[co_b.tensor];
-// ... and the loop over the block's chunk of it. Scalars read from t.w between the two are
+// ... and the loop over the block's chunk of it. Scalars read from co_params between the two are
 // computed once per block, not per element.
 #define CO_LOOP(t, i)                                                                    \
   const unsigned long long co_start = (unsigned long long)co_b.chunk * CO_CHUNK;          \

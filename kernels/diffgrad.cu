@@ -1,17 +1,18 @@
 // diffGrad v2 (authors' diffGrad_v2.py), one fused pass. Mirrors src/algorithms/diffgrad.rs.
 // Slots: s[0] exp_avg, s[1] exp_avg_sq, s[2] previous_grad.
-// Words: 0 weight decay (coupled L2), 1 beta1, 2 beta2, 3 eps,
-//        4 step size lr*sqrt(bc2)/bc1, 5 grad scale.
+// Scalars: DiffGradParams (params.cuh, generated from src/algorithms/diffgrad.rs, which
+// documents each field).
 #include "common.cuh"
 
 template <typename P>
 __device__ void diffgrad(const TensorEntry* __restrict__ ts, const BlockEntry* __restrict__ bs) {
   typedef typename Elem<P>::M M;
   CO_TENSOR(t)
-  const double* w = t.w;
-  const M wd = (M)w[0], b1 = (M)w[1], ob1 = (M)(1.0 - w[1]), b2 = (M)w[2], ob2 = (M)(1.0 - w[2]);
-  const M eps = (M)w[3], neg_ss = (M)(-w[4]), gs = (M)w[5];
-  const bool coupled = w[0] != 0.0;
+  const DiffGradParams& q = co_params<DiffGradParams>(t);
+  const M wd = (M)q.wd, b1 = (M)q.beta1, ob1 = (M)(1.0 - q.beta1), b2 = (M)q.beta2;
+  const M ob2 = (M)(1.0 - q.beta2), eps = (M)q.eps, neg_ss = (M)(-q.step_size);
+  const M gs = (M)q.grad_scale;
+  const bool coupled = q.wd != 0.0;
   // s[0] m, s[1] v, s[2] previous gradient
   co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {
     const M pi = p;

@@ -2,7 +2,7 @@
 // SGD-SaI's first-step g-SNR and Adan's clipping. Each block writes its partial sums to its
 // own slot (no atomics), and `reduce_partials` adds each tensor's partials in block order, so
 // results are deterministic. The tensor reduced is TensorEntry::p; `centered` reads the mean
-// from w[0].
+// from its ReduceParams (params.cuh, generated from src/reduce.rs).
 #include "common.cuh"
 
 // out[3b] = Σx, out[3b+1] = Σx², out[3b+2] = Σx·0 over block b's chunk, in double. The last
@@ -30,13 +30,13 @@ __device__ void sums(const TensorEntry* __restrict__ ts, const BlockEntry* __res
   }
 }
 
-// out[b] = Σ(x − mean)² over block b's chunk, mean = t.w[0].
+// out[b] = Σ(x − mean)² over block b's chunk, mean = ReduceParams::mean.
 template <typename P>
 __device__ void centered(const TensorEntry* __restrict__ ts, const BlockEntry* __restrict__ bs,
                          double* __restrict__ out) {
   CO_TENSOR(t)
   const P* __restrict__ x = (const P*)t.p;
-  const double mean = t.w[0];
+  const double mean = co_params<ReduceParams>(t).mean;
   double q = 0.0;
   CO_LOOP(t, i) {
     const double d = (double)Elem<P>::load(x[i]) - mean;

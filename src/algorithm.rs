@@ -63,22 +63,39 @@ pub struct ParamMeta<'a> {
     pub fresh: bool,
 }
 
-/// A kernel's step scalars as the CUDA kernel reads them (`kernels/<module>.cu` documents the
-/// order). At most 16.
-pub type Words = ArrayVec<f64, 16>;
+/// A kernel's step scalars as its CUDA kernel reads them: a `#[repr(C)]` struct of `f64` and `u32`
+/// fields (flags and small enums are `u32`), defined in the algorithm's module under a
+/// `// cuda-params` line. The build script generates its C declaration (`kernels/params.cuh`,
+/// where the kernel reads the fields by name) and this implementation, and asserts on both sides
+/// that the two compilers lay it out alike and that it fits a launch table entry; see
+/// `kernels/params_gen.rs`. Never implemented by hand.
+pub trait KernelParams: Copy + Debug + Send + Sync + 'static {
+    /// Its size in bytes.
+    const SIZE: usize;
+    /// Writes every field's bytes at its offset into `out` (at least [`Self::SIZE`] bytes long);
+    /// padding bytes are left as they are.
+    fn write_bytes(&self, out: &mut [u8]);
+}
+
+// The generated `KernelParams` implementations and layout asserts (kernels/params_gen.rs).
+include!(concat!(env!("OUT_DIR"), "/params.rs"));
 
 /// The per-element update rule with its step scalars. The scalars are f64 and are rounded to
 /// the compute type once per chunk, outside the element loop. The same scalars drive the CUDA
-/// kernel ([`Kernel::words`]), so the CPU and GPU paths share one definition.
+/// kernel ([`Kernel::params`]), so the CPU and GPU paths share one definition.
 pub trait Kernel: Copy + Send + Sync + Debug + Sized + 'static {
-    /// The CUDA module (`kernels/<name>.cu`) whose entry points run this rule.
+    /// The CUDA module (`kernels/<name>.cu`) whose entry points run this rule: the `module` of
+    /// the algorithm's line in the table of algorithms (checked at compile time).
     const CUDA_MODULE: &'static str;
 
     /// How the backends run this rule: [`ElementWise`] or [`RowProjected`].
     type Execution: Execution<Self>;
 
-    /// The step scalars in the order the CUDA kernel reads them.
-    fn words(&self) -> Words;
+    /// The step scalars as the CUDA kernel reads them.
+    type Params: KernelParams;
+
+    /// This step's scalars for the CUDA kernel.
+    fn params(&self) -> Self::Params;
 
     /// Applies the update to one contiguous run of elements. `p`, `g` and every slot have the
     /// same length. Must be `#[inline(always)]` (with everything it calls): the backend
@@ -394,5 +411,91 @@ pub trait Algorithm:
     fn global_scalars(global: &Self::Global) -> Vec<(&'static str, f64)> {
         let _ = global;
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+#[path = "../kernels/params_gen.rs"]
+mod params_gen;
+
+#[cfg(test)]
+mod params_tests {
+    use super::params_gen::{c_header, parse, rust_impls, Ty};
+
+    const SAMPLE: &str = "
+// cuda-params
+/// Doc.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SampleParams {
+    /// A.
+    pub(crate) a: f64,
+    pub(crate) flag: u32,
+    b: f64,
+    pub(crate) last: u32,
+}
+";
+
+    #[test]
+    fn generator_output_for_a_sample_struct() {
+        let s = parse(SAMPLE, "crate::sample", "src/sample.rs").unwrap();
+        assert_eq!(s.len(), 1);
+        let names: Vec<(&str, Ty)> = s[0].fields.iter().map(|(f, t)| (f.as_str(), *t)).collect();
+        assert_eq!(
+            names,
+            [
+                ("a", Ty::F64),
+                ("flag", Ty::U32),
+                ("b", Ty::F64),
+                ("last", Ty::U32)
+            ]
+        );
+        // C rules: `b` is aligned to 8 after the 4-byte flag; the size rounds up to 8.
+        assert_eq!(s[0].layout(), (vec![0, 8, 16, 24], 32));
+        let c = c_header(&s);
+        assert!(c.contains(
+            "struct SampleParams {\n  double a;\n  unsigned int flag;\n  double b;\n  unsigned int last;\n};\n"
+        ));
+        assert!(c.contains("static_assert(sizeof(SampleParams) == 32,"));
+        assert!(c.contains("static_assert(offsetof(SampleParams, b) == 16,"));
+        assert!(c.contains("static_assert(sizeof(SampleParams) <= CO_PARAM_BYTES,"));
+        let r = rust_impls(&s, 128);
+        assert!(r.contains("let Self { a, flag, b, last } = *self;"));
+        assert!(r.contains("out[16..24].copy_from_slice(&f64::to_ne_bytes(b));"));
+        assert!(r.contains("out[24..28].copy_from_slice(&u32::to_ne_bytes(last));"));
+        assert!(r.contains("assert!(std::mem::size_of::<S>() == 32);"));
+        assert!(r.contains("assert!(std::mem::offset_of!(S, flag) == 8);"));
+        assert!(r.contains("assert!(std::mem::size_of::<S>() <= 128);"));
+    }
+
+    #[test]
+    fn generator_rejects_what_it_cannot_mirror() {
+        let bad = |from: &str, to: &str| parse(&SAMPLE.replace(from, to), "m", "f.rs");
+        let e = bad("b: f64", "b: f32").unwrap_err();
+        assert!(e.contains("SampleParams.b: type `f32`"), "{e}");
+        assert!(bad("flag: u32", "flag: bool").is_err());
+        assert!(bad("#[repr(C)]\n", "")
+            .unwrap_err()
+            .contains("must be #[repr(C)]"));
+        assert!(bad("    b: f64,\n", "    #[serde(skip)]\n    b: f64,\n").is_err());
+        assert!(bad("    b: f64,\n", "    b: f64, c: f64,\n").is_err());
+        // Unmarked structs are not generated.
+        assert!(bad("// cuda-params\n", "").unwrap().is_empty());
+    }
+
+    /// The committed header's sizes (what nvcc asserts) are rustc's.
+    #[test]
+    fn header_sizes_are_rusts() {
+        let h = include_str!("../kernels/params.cuh");
+        assert_eq!(super::PARAM_SIZES.len(), 8); // seven algorithms and the reductions
+        for &(name, size) in super::PARAM_SIZES {
+            let want = format!("static_assert(sizeof({name}) == {size},");
+            assert!(
+                h.contains(&want),
+                "{name}: kernels/params.cuh lacks `{want}`"
+            );
+            assert!(h.contains(&format!("struct {name} {{")));
+        }
+        assert_eq!(h.matches("\nstruct ").count(), super::PARAM_SIZES.len());
     }
 }

@@ -6,6 +6,17 @@
 use crate::error::Result;
 use candle_core::Tensor;
 
+// cuda-params
+/// The step scalars of the CUDA reductions (`kernels/reduce.cu`; `kernels/params.cuh` is
+/// generated from this definition).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct ReduceParams {
+    /// The tensor's mean, for the centered sum of squares.
+    pub(crate) mean: f64,
+}
+
 /// Statistics of one gradient tensor, accumulated in f64.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GradStats {

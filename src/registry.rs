@@ -39,6 +39,46 @@ macro_rules! algorithm_table {
 }
 pub(crate) use algorithm_table;
 
+/// `a == b`, usable in constants.
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Fails the build unless every algorithm's `Kernel::CUDA_MODULE` is its table line's `module`
+/// (the name the CUDA module table embeds the PTX under).
+macro_rules! check_cuda_modules {
+    ($($variant:ident: $module:ident::$config:ident as $alias:ident, $doc:literal;)*) => {
+        $(
+            const _: () = assert!(
+                str_eq(
+                    <<crate::algorithms::$module::$config as Algorithm>::Kernel
+                        as crate::algorithm::Kernel>::CUDA_MODULE,
+                    stringify!($module),
+                ),
+                concat!(
+                    "the kernel of ",
+                    stringify!($config),
+                    " must have CUDA_MODULE = \"",
+                    stringify!($module),
+                    "\" (its line in algorithm_table!)"
+                )
+            );
+        )*
+    };
+}
+algorithm_table!(check_cuda_modules);
+
 /// Declares, at the crate root, the re-export of every configuration type, the alias of every
 /// optimizer and the [`Algo`] enum (invoked once, in lib.rs).
 macro_rules! declare_algorithms {

@@ -7,7 +7,7 @@
 //! optimizer-wide switches (`weight_decouple`, `fixed_decay`, `rectify`, `degenerated_to_sgd`)
 //! are per group here. The user's gradient is never modified (the L2 term is applied inside).
 
-use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot, Words};
+use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot};
 use crate::elem::{Elem, Real};
 use crate::error::{check_betas, check_nonneg, Result};
 use serde::{Deserialize, Serialize};
@@ -64,6 +64,34 @@ enum Mode {
     Sgd,
     /// No step (ρ_t < 5 without degeneration).
     None,
+}
+
+// cuda-params
+/// AdaBelief's step scalars as `kernels/adabelief.cu` reads them (`kernels/params.cuh`, generated
+/// from this definition).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdaBeliefParams {
+    /// The decay factor (1 - lr·wd, 1 - wd with `fixed_decay`, 1 for L2).
+    pub(crate) decay: f64,
+    /// The coupled L2 coefficient (0 when decoupled).
+    pub(crate) l2: f64,
+    /// beta1.
+    pub(crate) beta1: f64,
+    /// beta2.
+    pub(crate) beta2: f64,
+    /// eps.
+    pub(crate) eps: f64,
+    /// √(bias correction 2).
+    pub(crate) bc2_sqrt: f64,
+    /// The step (lr/bc1; k·lr rectified; lr/bc1 as SGD).
+    pub(crate) step: f64,
+    /// The gradient scale (clipping).
+    pub(crate) grad_scale: f64,
+    /// The step's form: 0 Adam, 1 rectified, 2 SGD, 3 no step.
+    pub(crate) mode: u32,
+    /// 1 with amsgrad, else 0.
+    pub(crate) amsgrad: u32,
 }
 
 /// AdaBelief's step scalars.
@@ -146,28 +174,26 @@ impl Kernel for AdaBeliefKernel {
     const CUDA_MODULE: &'static str = "adabelief";
     type Execution = ElementWise;
 
-    /// The order of `kernels/adabelief.cu`.
-    fn words(&self) -> Words {
-        let mode = match self.mode {
-            Mode::Adam => 0.0,
-            Mode::Rectified => 1.0,
-            Mode::Sgd => 2.0,
-            Mode::None => 3.0,
-        };
-        [
-            self.decay,
-            self.l2,
-            self.beta1,
-            self.beta2,
-            self.eps,
-            self.bc2_sqrt,
-            self.step,
-            mode,
-            self.grad_scale,
-            self.amsgrad as u8 as f64,
-        ]
-        .into_iter()
-        .collect()
+    type Params = AdaBeliefParams;
+
+    fn params(&self) -> AdaBeliefParams {
+        AdaBeliefParams {
+            decay: self.decay,
+            l2: self.l2,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            bc2_sqrt: self.bc2_sqrt,
+            step: self.step,
+            grad_scale: self.grad_scale,
+            mode: match self.mode {
+                Mode::Adam => 0,
+                Mode::Rectified => 1,
+                Mode::Sgd => 2,
+                Mode::None => 3,
+            },
+            amsgrad: self.amsgrad.into(),
+        }
     }
 
     #[inline(always)]

@@ -11,7 +11,7 @@
 //! difference, far inside the tolerance.
 
 use crate::algorithm::{
-    Algorithm, Kernel, ParamMeta, Projection, RowProjected, RowRule, RowSums, Slot, Words,
+    Algorithm, Kernel, ParamMeta, Projection, RowProjected, RowRule, RowSums, Slot,
 };
 use crate::elem::{Elem, Real};
 use crate::error::{check_betas, check_nonneg, Result};
@@ -49,6 +49,34 @@ impl Default for AdamPConfig {
             nesterov: false,
         }
     }
+}
+
+// cuda-params
+/// AdamP's step scalars as `kernels/adamp.cu` reads them (`kernels/params.cuh`, generated
+/// from this definition).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamPParams {
+    /// beta1.
+    pub(crate) beta1: f64,
+    /// beta2.
+    pub(crate) beta2: f64,
+    /// √(bias correction 2).
+    pub(crate) bc2_sqrt: f64,
+    /// eps (the denominator's and the projection's).
+    pub(crate) eps: f64,
+    /// lr / bias correction 1.
+    pub(crate) step_size: f64,
+    /// lr·wd.
+    pub(crate) lr_wd: f64,
+    /// The decay ratio of projected tensors.
+    pub(crate) wd_ratio: f64,
+    /// The cosine threshold of the projection test.
+    pub(crate) delta: f64,
+    /// The gradient scale (clipping).
+    pub(crate) grad_scale: f64,
+    /// 1 with Nesterov momentum, else 0.
+    pub(crate) nesterov: u32,
 }
 
 /// AdamP's step scalars.
@@ -129,22 +157,21 @@ impl Kernel for AdamPKernel {
     const CUDA_MODULE: &'static str = "adamp";
     type Execution = RowProjected;
 
-    /// The order of `kernels/adamp.cu`.
-    fn words(&self) -> Words {
-        [
-            self.beta1,
-            self.beta2,
-            self.bc2_sqrt,
-            self.eps,
-            self.step_size,
-            self.lr_wd,
-            self.wd_ratio,
-            self.delta,
-            self.nesterov as u8 as f64,
-            self.grad_scale,
-        ]
-        .into_iter()
-        .collect()
+    type Params = AdamPParams;
+
+    fn params(&self) -> AdamPParams {
+        AdamPParams {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            bc2_sqrt: self.bc2_sqrt,
+            eps: self.eps,
+            step_size: self.step_size,
+            lr_wd: self.lr_wd,
+            wd_ratio: self.wd_ratio,
+            delta: self.delta,
+            grad_scale: self.grad_scale,
+            nesterov: self.nesterov.into(),
+        }
     }
 
     /// The unprojected step (tensors of rank < 2).

@@ -1,7 +1,7 @@
 //! AdamW (Loshchilov & Hutter), exactly as `torch.optim.AdamW` (torch 2.15,
 //! `_single_tensor_adam` with decoupled weight decay). Spec: ALGORITHMS.md §2.
 
-use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot, Words};
+use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot};
 use crate::elem::{Elem, Real};
 use crate::error::{check_betas, check_nonneg, Result};
 use serde::{Deserialize, Serialize};
@@ -37,6 +37,32 @@ impl Default for AdamWConfig {
     }
 }
 
+// cuda-params
+/// AdamW's step scalars as `kernels/adamw.cu` reads them (`kernels/params.cuh`, generated
+/// from this definition).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWParams {
+    /// 1 - lr·wd.
+    pub(crate) decay: f64,
+    /// The lerp weight 1 - beta1.
+    pub(crate) lerp_w: f64,
+    /// beta2.
+    pub(crate) beta2: f64,
+    /// 1 - beta2.
+    pub(crate) one_minus_beta2: f64,
+    /// √(bias correction 2).
+    pub(crate) bc2_sqrt: f64,
+    /// lr / bias correction 1.
+    pub(crate) step_size: f64,
+    /// eps.
+    pub(crate) eps: f64,
+    /// The gradient scale (clipping; negative for `maximize`).
+    pub(crate) grad_scale: f64,
+    /// 1 with amsgrad, else 0.
+    pub(crate) amsgrad: u32,
+}
+
 /// AdamW's step scalars (f64) for one parameter.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWKernel {
@@ -55,21 +81,20 @@ impl Kernel for AdamWKernel {
     const CUDA_MODULE: &'static str = "adamw";
     type Execution = ElementWise;
 
-    /// The order of `kernels/adamw.cu`.
-    fn words(&self) -> Words {
-        [
-            self.decay,
-            self.lerp_w,
-            self.beta2,
-            self.one_minus_beta2,
-            self.bc2_sqrt,
-            self.step_size,
-            self.eps,
-            self.grad_scale,
-            self.amsgrad as u8 as f64,
-        ]
-        .into_iter()
-        .collect()
+    type Params = AdamWParams;
+
+    fn params(&self) -> AdamWParams {
+        AdamWParams {
+            decay: self.decay,
+            lerp_w: self.lerp_w,
+            beta2: self.beta2,
+            one_minus_beta2: self.one_minus_beta2,
+            bc2_sqrt: self.bc2_sqrt,
+            step_size: self.step_size,
+            eps: self.eps,
+            grad_scale: self.grad_scale,
+            amsgrad: self.amsgrad.into(),
+        }
     }
 
     #[inline(always)]

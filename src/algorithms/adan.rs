@@ -10,7 +10,7 @@
 //!
 //! [`restart`]: crate::Optim::restart
 
-use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot, StepContext, Words};
+use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot, StepContext};
 use crate::elem::{Elem, Real};
 use crate::error::{check_nonneg, check_range, Result};
 use serde::{Deserialize, Serialize};
@@ -48,6 +48,38 @@ impl Default for AdanConfig {
     }
 }
 
+// cuda-params
+/// Adan's step scalars as `kernels/adan.cu` reads them (`kernels/params.cuh`, generated
+/// from this definition).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdanParams {
+    /// beta1 (code convention).
+    pub(crate) beta1: f64,
+    /// beta2.
+    pub(crate) beta2: f64,
+    /// beta3.
+    pub(crate) beta3: f64,
+    /// √(bias correction 3).
+    pub(crate) bc3_sqrt: f64,
+    /// eps.
+    pub(crate) eps: f64,
+    /// lr/bc1.
+    pub(crate) step_size: f64,
+    /// lr·beta2/bc2.
+    pub(crate) step_size_diff: f64,
+    /// 1 - lr·wd (with `no_prox`).
+    pub(crate) decay: f64,
+    /// 1 + lr·wd (proximal).
+    pub(crate) prox_div: f64,
+    /// The gradient scale (clipping).
+    pub(crate) grad_scale: f64,
+    /// 1 with `no_prox` (decoupled decay), else 0 (proximal).
+    pub(crate) no_prox: u32,
+    /// 1 at the first step (the previous gradient is the current one), else 0.
+    pub(crate) first: u32,
+}
+
 /// Adan's step scalars.
 #[derive(Clone, Copy, Debug)]
 pub struct AdanKernel {
@@ -69,24 +101,23 @@ impl Kernel for AdanKernel {
     const CUDA_MODULE: &'static str = "adan";
     type Execution = ElementWise;
 
-    /// The order of `kernels/adan.cu`.
-    fn words(&self) -> Words {
-        [
-            self.beta1,
-            self.beta2,
-            self.beta3,
-            self.bc3_sqrt,
-            self.eps,
-            self.step_size,
-            self.step_size_diff,
-            self.decay,
-            self.prox_div,
-            self.no_prox as u8 as f64,
-            self.first as u8 as f64,
-            self.grad_scale,
-        ]
-        .into_iter()
-        .collect()
+    type Params = AdanParams;
+
+    fn params(&self) -> AdanParams {
+        AdanParams {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            beta3: self.beta3,
+            bc3_sqrt: self.bc3_sqrt,
+            eps: self.eps,
+            step_size: self.step_size,
+            step_size_diff: self.step_size_diff,
+            decay: self.decay,
+            prox_div: self.prox_div,
+            grad_scale: self.grad_scale,
+            no_prox: self.no_prox.into(),
+            first: self.first.into(),
+        }
     }
 
     #[inline(always)]

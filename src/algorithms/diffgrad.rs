@@ -5,7 +5,7 @@
 //! reference to the gradient instead); it includes the coupled L2 term, which also feeds the
 //! friction coefficient ξ = σ(|g_prev − g|). The user's gradient is never modified.
 
-use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot, Words};
+use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot};
 use crate::elem::{Elem, Real};
 use crate::error::{check_betas, check_nonneg, Result};
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,26 @@ impl Default for DiffGradConfig {
     }
 }
 
+// cuda-params
+/// diffGrad's step scalars as `kernels/diffgrad.cu` reads them (`kernels/params.cuh`, generated
+/// from this definition).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DiffGradParams {
+    /// The weight decay (coupled L2).
+    pub(crate) wd: f64,
+    /// beta1.
+    pub(crate) beta1: f64,
+    /// beta2.
+    pub(crate) beta2: f64,
+    /// eps.
+    pub(crate) eps: f64,
+    /// lr·√bc2/bc1.
+    pub(crate) step_size: f64,
+    /// The gradient scale (clipping).
+    pub(crate) grad_scale: f64,
+}
+
 /// diffGrad's step scalars.
 #[derive(Clone, Copy, Debug)]
 pub struct DiffGradKernel {
@@ -50,18 +70,17 @@ impl Kernel for DiffGradKernel {
     const CUDA_MODULE: &'static str = "diffgrad";
     type Execution = ElementWise;
 
-    /// The order of `kernels/diffgrad.cu`.
-    fn words(&self) -> Words {
-        [
-            self.wd,
-            self.beta1,
-            self.beta2,
-            self.eps,
-            self.step_size,
-            self.grad_scale,
-        ]
-        .into_iter()
-        .collect()
+    type Params = DiffGradParams;
+
+    fn params(&self) -> DiffGradParams {
+        DiffGradParams {
+            wd: self.wd,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            step_size: self.step_size,
+            grad_scale: self.grad_scale,
+        }
     }
 
     #[inline(always)]

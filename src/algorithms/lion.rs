@@ -6,7 +6,7 @@
 //! `sign` (and candle's) gives 0 and would silently turn a NaN gradient into "no update": what
 //! happens to non-finite gradients is the driver's [`crate::NonFinitePolicy`].
 
-use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot, Words};
+use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot};
 use crate::elem::{Elem, Real};
 use crate::error::{check_betas, check_nonneg, Result};
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,24 @@ impl Default for LionConfig {
     }
 }
 
+// cuda-params
+/// Lion's step scalars as `kernels/lion.cu` reads them (`kernels/params.cuh`, generated
+/// from this definition).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LionParams {
+    /// 1 - lr·wd.
+    pub(crate) decay: f64,
+    /// lr.
+    pub(crate) lr: f64,
+    /// beta1.
+    pub(crate) beta1: f64,
+    /// beta2.
+    pub(crate) beta2: f64,
+    /// The gradient scale (clipping).
+    pub(crate) grad_scale: f64,
+}
+
 /// Lion's step scalars.
 #[derive(Clone, Copy, Debug)]
 pub struct LionKernel {
@@ -47,11 +65,16 @@ impl Kernel for LionKernel {
     const CUDA_MODULE: &'static str = "lion";
     type Execution = ElementWise;
 
-    /// The order of `kernels/lion.cu`.
-    fn words(&self) -> Words {
-        [self.decay, self.lr, self.beta1, self.beta2, self.grad_scale]
-            .into_iter()
-            .collect()
+    type Params = LionParams;
+
+    fn params(&self) -> LionParams {
+        LionParams {
+            decay: self.decay,
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            grad_scale: self.grad_scale,
+        }
     }
 
     #[inline(always)]

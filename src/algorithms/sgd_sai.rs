@@ -13,7 +13,7 @@
 //!   code then turns every parameter into NaN; this port reproduces that (it is what v1.0.4
 //!   computes) rather than inventing a different rule.
 
-use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot, StepContext, Words};
+use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot, StepContext};
 use crate::elem::{Elem, Real};
 use crate::error::{check_nonneg, check_range, Error, Result};
 use serde::{Deserialize, Serialize};
@@ -74,6 +74,26 @@ pub struct SgdSaiGlobal {
     pub gsnr_max: Option<f64>,
 }
 
+// cuda-params
+/// SGD-SaI's step scalars as `kernels/sgd_sai.cu` reads them (`kernels/params.cuh`, generated
+/// from this definition).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdSaiParams {
+    /// 1 - wd·lr.
+    pub(crate) decay: f64,
+    /// The step size lr·g-SNR (÷ the maximum with `max_normalized`).
+    pub(crate) step_size: f64,
+    /// The momentum.
+    pub(crate) momentum: f64,
+    /// 1 - momentum.
+    pub(crate) one_minus_momentum: f64,
+    /// The gradient scale (clipping).
+    pub(crate) grad_scale: f64,
+    /// 1 at this tensor's first step (the buffer starts as g), else 0.
+    pub(crate) first: u32,
+}
+
 /// SGD-SaI's step scalars for one parameter.
 #[derive(Clone, Copy, Debug)]
 pub struct SgdSaiKernel {
@@ -89,18 +109,17 @@ impl Kernel for SgdSaiKernel {
     const CUDA_MODULE: &'static str = "sgd_sai";
     type Execution = ElementWise;
 
-    /// The order of `kernels/sgd_sai.cu`.
-    fn words(&self) -> Words {
-        [
-            self.decay,
-            self.step_size,
-            self.momentum,
-            self.one_minus_momentum,
-            self.first as u8 as f64,
-            self.grad_scale,
-        ]
-        .into_iter()
-        .collect()
+    type Params = SgdSaiParams;
+
+    fn params(&self) -> SgdSaiParams {
+        SgdSaiParams {
+            decay: self.decay,
+            step_size: self.step_size,
+            momentum: self.momentum,
+            one_minus_momentum: self.one_minus_momentum,
+            grad_scale: self.grad_scale,
+            first: self.first.into(),
+        }
     }
 
     #[inline(always)]

@@ -9,9 +9,9 @@
 //! while the launch is enqueued; gradients are read under their read locks.
 
 use super::Work;
-use crate::algorithm::Kernel;
+use crate::algorithm::{Kernel, KernelParams};
 use crate::error::{Error, Result};
-use crate::reduce::GradStats;
+use crate::reduce::{GradStats, ReduceParams};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
@@ -23,26 +23,31 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 pub(crate) use super::kernel_abi::{CHUNK, THREADS};
-use super::kernel_abi::{ENTRY_BYTES, MAX_SLOTS, WORDS};
+use super::kernel_abi::{ENTRY_BYTES, MAX_SLOTS, PARAM_BYTES};
 
 /// Tensors per launch. Each holds a nested in-place op (one per parameter and slot) while the
 /// launch is enqueued; this bounds that nesting. GPT-2 small (148 tensors) takes 3 launches.
 pub(crate) const MAX_TENSORS: usize = 64;
 
-/// The PTX of a kernel module, compiled by `build.rs`.
-pub(crate) fn ptx(module: &str) -> Result<&'static str> {
-    Ok(match module {
-        "adabelief" => include_str!(concat!(env!("OUT_DIR"), "/adabelief.ptx")),
-        "adamp" => include_str!(concat!(env!("OUT_DIR"), "/adamp.ptx")),
-        "adamw" => include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx")),
-        "adan" => include_str!(concat!(env!("OUT_DIR"), "/adan.ptx")),
-        "diffgrad" => include_str!(concat!(env!("OUT_DIR"), "/diffgrad.ptx")),
-        "lion" => include_str!(concat!(env!("OUT_DIR"), "/lion.ptx")),
-        "reduce" => include_str!(concat!(env!("OUT_DIR"), "/reduce.ptx")),
-        "sgd_sai" => include_str!(concat!(env!("OUT_DIR"), "/sgd_sai.ptx")),
-        other => return Err(Error::Unsupported(format!("no CUDA module `{other}`"))),
-    })
+/// Generates [`ptx`] from the table of algorithms (`crate::registry::algorithm_table!`): one
+/// embedded module per line's `module` (`kernels/<module>.cu`), plus the reductions.
+macro_rules! ptx_table {
+    ($($variant:ident: $module:ident::$config:ident as $alias:ident, $doc:literal;)*) => {
+        /// The PTX of a kernel module, compiled by `build.rs`.
+        pub(crate) fn ptx(module: &str) -> Result<&'static str> {
+            Ok(match module {
+                $(
+                    stringify!($module) => {
+                        include_str!(concat!(env!("OUT_DIR"), "/", stringify!($module), ".ptx"))
+                    }
+                )*
+                "reduce" => include_str!(concat!(env!("OUT_DIR"), "/reduce.ptx")),
+                other => return Err(Error::Unsupported(format!("no CUDA module `{other}`"))),
+            })
+        }
+    };
 }
+crate::registry::algorithm_table!(ptx_table);
 
 /// The entry-point suffix of a parameter dtype.
 pub(crate) fn dtype_suffix(d: DType) -> Result<&'static str> {
@@ -56,7 +61,7 @@ pub(crate) fn dtype_suffix(d: DType) -> Result<&'static str> {
 }
 
 /// A row of the tensor table (`TensorEntry` in `kernels/common.cuh`: [`ENTRY_BYTES`] bytes).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Entry {
     pub p: u64,
     pub g: u64,
@@ -65,19 +70,43 @@ pub(crate) struct Entry {
     pub rows: u64,
     pub row_len: u64,
     pub off: u64,
-    pub w: [f64; WORDS],
+    /// The kernel's parameter struct, as bytes ([`Entry::set_params`]).
+    params: [u8; PARAM_BYTES],
+}
+
+impl Default for Entry {
+    fn default() -> Self {
+        Entry {
+            p: 0,
+            g: 0,
+            s: [0; MAX_SLOTS],
+            n: 0,
+            rows: 0,
+            row_len: 0,
+            off: 0,
+            params: [0; PARAM_BYTES],
+        }
+    }
 }
 
 /// Words per [`Entry`] as uploaded (`TensorEntry` is `CO_ENTRY_BYTES`, from the same constant).
 const ENTRY_WORDS: usize = ENTRY_BYTES / 8;
-const _: () = assert!(ENTRY_WORDS == 2 + MAX_SLOTS + 4 + WORDS);
+const _: () = assert!(ENTRY_WORDS * 8 == 8 * (2 + MAX_SLOTS + 4) + PARAM_BYTES);
 
 impl Entry {
+    /// Puts `params` in the parameter area, where the kernel reads it as its C struct (every
+    /// parameter struct fits: asserted where its layout is generated).
+    pub(crate) fn set_params<T: KernelParams>(&mut self, params: &T) {
+        params.write_bytes(&mut self.params);
+    }
+
     fn push_to(&self, out: &mut Vec<u64>) {
         out.extend([self.p, self.g]);
         out.extend(self.s);
         out.extend([self.n, self.rows, self.row_len, self.off]);
-        out.extend(self.w.iter().map(|x| x.to_bits()));
+        let (words, rest) = self.params.as_chunks::<8>();
+        debug_assert!(rest.is_empty());
+        out.extend(words.iter().map(|w| u64::from_ne_bytes(*w)));
     }
 }
 
@@ -315,9 +344,7 @@ pub(crate) fn with_entries<K: Kernel>(
                     *slot = mptrs[k];
                     k += 1;
                 }
-                for (dst, x) in e.w.iter_mut().zip(w.kernel.words()) {
-                    *dst = x;
-                }
+                e.set_params(&w.kernel.params());
                 entries.push(e);
             }
             body(&mut entries)
@@ -464,7 +491,9 @@ pub(crate) fn grad_stats(grads: &[&Tensor], centered: bool) -> Result<Vec<GradSt
                 let z: Vec<f64> = sqz.chunks(3).map(|c| c[2]).collect();
                 let c = if centered {
                     for (e, (&s, &n)) in entries.iter_mut().zip(s.iter().zip(&n)) {
-                        e.w[0] = if n == 0 { 0.0 } else { s / n as f64 };
+                        e.set_params(&ReduceParams {
+                            mean: if n == 0 { 0.0 } else { s / n as f64 },
+                        });
                     }
                     Some(reduce(&cent, &entries, 1)?)
                 } else {

@@ -10,11 +10,15 @@ pub(crate) const CHUNK: usize = 16384;
 pub(crate) const THREADS: u32 = 256;
 /// State slot pointers per tensor entry.
 pub(crate) const MAX_SLOTS: usize = 4;
-/// Step-scalar words (f64) per tensor entry.
-pub(crate) const WORDS: usize = 16;
-/// Bytes per tensor entry (`TensorEntry`): p, g, the slots, n, rows, row_len, off, the words.
+/// Bytes of a tensor entry's parameter area (`TensorEntry::params`), which holds the kernel's
+/// parameter struct (`kernels/params.cuh`, generated from the `// cuda-params` structs; each is
+/// asserted to fit on both sides).
+pub(crate) const PARAM_BYTES: usize = 128;
+/// Bytes per tensor entry (`TensorEntry`): p, g, the slots, n, rows, row_len, off, the
+/// parameter area.
 pub(crate) const ENTRY_BYTES: usize = 208;
 /// Elements per warp segment of the row-projected kernels (`adamp_pass1`, `adamp_pu`).
 pub(crate) const ROW_SEG: u64 = 1024;
 
-const _: () = assert!(ENTRY_BYTES == 8 * (2 + MAX_SLOTS + 4 + WORDS));
+const _: () = assert!(ENTRY_BYTES == 8 * (2 + MAX_SLOTS + 4) + PARAM_BYTES);
+const _: () = assert!(PARAM_BYTES.is_multiple_of(8));
