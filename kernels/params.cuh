@@ -147,6 +147,26 @@ static_assert(offsetof(LionParams, beta2) == 24, "LionParams.beta2");
 static_assert(offsetof(LionParams, grad_scale) == 32, "LionParams.grad_scale");
 static_assert(sizeof(LionParams) <= CO_PARAM_BYTES, "LionParams: fits TensorEntry's parameter area");
 
+// src/algorithms/muon.rs (crate::algorithms::muon)
+struct MuonParams {
+  double lerp_w;
+  double mu;
+  double grad_scale;
+  double decay;
+  double lr_adj;
+  unsigned int pass;
+  unsigned int nesterov;
+};
+static_assert(sizeof(MuonParams) == 48, "MuonParams: layout shared with src/algorithms/muon.rs");
+static_assert(offsetof(MuonParams, lerp_w) == 0, "MuonParams.lerp_w");
+static_assert(offsetof(MuonParams, mu) == 8, "MuonParams.mu");
+static_assert(offsetof(MuonParams, grad_scale) == 16, "MuonParams.grad_scale");
+static_assert(offsetof(MuonParams, decay) == 24, "MuonParams.decay");
+static_assert(offsetof(MuonParams, lr_adj) == 32, "MuonParams.lr_adj");
+static_assert(offsetof(MuonParams, pass) == 40, "MuonParams.pass");
+static_assert(offsetof(MuonParams, nesterov) == 44, "MuonParams.nesterov");
+static_assert(sizeof(MuonParams) <= CO_PARAM_BYTES, "MuonParams: fits TensorEntry's parameter area");
+
 // src/algorithms/sgd_sai.rs (crate::algorithms::sgd_sai)
 struct SgdSaiParams {
   double decay;

@@ -14,7 +14,7 @@
 
 use crate::algorithm::{
     Algorithm, Kernel, Matrix, MatrixPart, MatrixRule, MatrixScalars, NewtonSchulz, NsDtype,
-    ParamMeta, Slot, Words,
+    ParamMeta, Slot,
 };
 use crate::algorithms::adamw::{AdamWConfig, AdamWKernel};
 use crate::elem::{Elem, Real};
@@ -115,6 +115,28 @@ impl MuonConfig {
     }
 }
 
+// cuda-params
+/// The scalars of Muon's element-wise passes as `kernels/muon.cu` reads them
+/// (`kernels/params.cuh`, generated from this definition).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MuonParams {
+    /// Momentum: B ← lerp(B, g·grad_scale, lerp_w), lerp_w = 1 − μ.
+    pub(crate) lerp_w: f64,
+    /// μ of the Nesterov blend U = lerp(g, B, μ) (when `nesterov` is 1).
+    pub(crate) mu: f64,
+    /// The factor every gradient is multiplied by.
+    pub(crate) grad_scale: f64,
+    /// 1 − lr·wd (the unadjusted lr).
+    pub(crate) decay: f64,
+    /// The adjusted learning rate.
+    pub(crate) lr_adj: f64,
+    /// 0: blend (slots B, U); 1: update (slot O; p ← p·decay − lr_adj·O); 2: nothing.
+    pub(crate) pass: u32,
+    /// 1: U = lerp(g, B, μ); 0: U = B.
+    pub(crate) nesterov: u32,
+}
+
 /// Which element-wise pass a [`MuonKernel`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pass {
@@ -142,20 +164,35 @@ impl Kernel for MuonKernel {
     const CUDA_MODULE: &'static str = "muon";
     type Execution = Matrix;
 
-    /// Muon has no CUDA kernel of its own (the backend runs its passes as tensor operations on
-    /// CUDA); the words are the scalars of [`MatrixScalars`] in field order.
-    fn words(&self) -> Words {
+    type Params = MuonParams;
+
+    /// The element-wise passes' scalars for `kernels/muon.cu` (the auxiliary AdamW runs
+    /// AdamW's own kernel, so its variant has nothing to say here: pass 2, a no-op).
+    fn params(&self) -> MuonParams {
         match self.0 {
-            Step::Muon { scalars: s, .. } => [
-                s.lerp_w,
-                s.nesterov.unwrap_or(-1.0),
-                s.grad_scale,
-                s.decay,
-                s.lr_adj,
-            ]
-            .into_iter()
-            .collect(),
-            Step::AdamW(k) => k.words(),
+            Step::Muon {
+                pass, scalars: s, ..
+            } => MuonParams {
+                lerp_w: s.lerp_w,
+                mu: s.nesterov.unwrap_or(0.0),
+                grad_scale: s.grad_scale,
+                decay: s.decay,
+                lr_adj: s.lr_adj,
+                pass: match pass {
+                    Pass::Blend => 0,
+                    Pass::Update => 1,
+                },
+                nesterov: s.nesterov.is_some() as u32,
+            },
+            Step::AdamW(_) => MuonParams {
+                lerp_w: 0.0,
+                mu: 0.0,
+                grad_scale: 1.0,
+                decay: 1.0,
+                lr_adj: 0.0,
+                pass: 2,
+                nesterov: 0,
+            },
         }
     }
 

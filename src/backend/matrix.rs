@@ -5,8 +5,9 @@
 //!
 //! * The element-wise passes run on the CPU through the same in-place machinery as every other
 //!   fused step ([`super::cpu::update`]: threads, SIMD, no write through a shared reference).
-//!   On other devices (CUDA) they run as candle tensor operations whose results are copied into
-//!   the parameter and the state in place (`Tensor::slice_set`); there is no dedicated kernel.
+//!   On CUDA they are `kernels/muon.cu`, launched like every element-wise kernel (not yet run
+//!   on a GPU); on any other device candle tensor operations whose results are copied into the
+//!   parameter and the state in place (`Tensor::slice_set`).
 //! * Newton–Schulz runs with candle's matmul on the parameters' device (cuBLAS on CUDA, gemm on
 //!   the CPU). The matrices of a group with the same shape and device are stacked, so each
 //!   iteration is one batched matmul per distinct shape.
@@ -136,6 +137,19 @@ fn blend<K: Kernel>(o: &Orth<'_, K>) -> Result<Tensor> {
             })?;
             Ok(u)
         }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            let u = b.zeros_like()?;
+            let slots = [b.clone(), u.clone()];
+            super::cuda::elementwise(&[Work {
+                param: w.param,
+                grad: w.grad,
+                slots: &slots,
+                shape: w.shape,
+                kernel: o.blend,
+            }])?;
+            Ok(u)
+        }
         _ => {
             let s = &o.scalars;
             let g = w.grad.to_dtype(b.dtype())?.affine(s.grad_scale, 0.0)?;
@@ -172,6 +186,14 @@ fn apply_update<K: Kernel>(o: &Orth<'_, K>, out: &Tensor) -> Result<()> {
             shape: w.shape,
             kernel: o.update,
         }),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => super::cuda::elementwise(&[Work {
+            param: w.param,
+            grad: w.grad,
+            slots: std::slice::from_ref(&out),
+            shape: w.shape,
+            kernel: o.update,
+        }]),
         _ => {
             let s = &o.scalars;
             let p = w.param.to_dtype(dt)?;
