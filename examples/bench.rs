@@ -343,7 +343,7 @@ impl Ours {
             .collect();
         for &algo in algos {
             let b = algo.step_traffic_bytes(&hyper, &dims)?;
-            let mut opt = algo.build_json(vars.clone(), &hyper)?;
+            let mut opt = common::build_named(algo, vars.clone(), &hyper, false)?;
             opt.set_non_finite_policy(NonFinitePolicy::Propagate);
             opts.push((format!("{}_fused", algo.name()), opt));
             bytes.push(b);
@@ -360,7 +360,7 @@ impl Ours {
                         Some(1.0),
                     ),
                 ] {
-                    let mut opt = algo.build_json(vars.clone(), &hyper)?;
+                    let mut opt = common::build_named(algo, vars.clone(), &hyper, false)?;
                     opt.set_non_finite_policy(policy);
                     opt.set_max_grad_norm(clip)?;
                     opts.push((name.into(), opt));

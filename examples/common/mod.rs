@@ -146,24 +146,31 @@ pub fn make_optimizer(
     };
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let wd = wd * weight_decay_factor(algo);
-    if algo == Algo::Muon {
-        // The usual Muon setup: hidden matrices take Muon; embeddings and the output head
-        // (by name) take the auxiliary AdamW, and so do biases, norm gains and convolution
-        // kernels (rank ≠ 2, automatically), without weight decay for the rank ≤ 1 ones.
-        let cfg = MuonConfig {
-            lr,
-            weight_decay: wd,
-            ..Default::default()
-        };
-        let opt = Muon::builder(cfg)
-            .named_vars(vars)
-            .group(|n, _| is_embedding_or_head(n), |c| c.use_muon = false)
-            .no_decay_for_bias_and_norm()
-            .build()?;
-        return Ok(Box::new(opt));
+    build_named(algo, vars, &json!({"lr": lr, "weight_decay": wd}), true)
+}
+
+/// Builds `algo` over named variables from JSON hyperparameters (`Algo::build_with`), in the
+/// usual setup for Muon: hidden matrices take Muon; embeddings and output heads (by name) take
+/// the auxiliary AdamW, and so do biases, norm gains and convolution kernels (rank ≠ 2,
+/// automatically); with `no_decay`, the rank ≤ 1 ones without weight decay.
+pub fn build_named(
+    algo: Algo,
+    vars: Vec<(String, candle_core::Var)>,
+    hyper: &serde_json::Value,
+    no_decay: bool,
+) -> candle_optim::Result<Box<dyn Optimizer>> {
+    if algo != Algo::Muon {
+        return algo.build_with(vars, hyper, no_decay);
     }
-    let hyper = json!({"lr": lr, "weight_decay": wd});
-    algo.build_with(vars, &hyper, true)
+    let cfg: MuonConfig = serde_json::from_value(hyper.clone())
+        .map_err(|e| candle_optim::Error::Unsupported(format!("muon: {e}")))?;
+    let mut b = Muon::builder(cfg)
+        .named_vars(vars)
+        .group(|n, _| is_embedding_or_head(n), |c| c.use_muon = false);
+    if no_decay {
+        b = b.no_decay_for_bias_and_norm();
+    }
+    Ok(Box::new(b.build()?))
 }
 
 /// Whether a parameter name has a segment naming an embedding or an output head.
