@@ -83,6 +83,9 @@ fn two_steps_match_an_f64_reference_for_wide_and_tall_matrices() {
         ([20, 12], Some(AdjustLr::Original), true),
         ([20, 12], Some(AdjustLr::MatchRmsAdamw), false),
         ([12, 20], Some(AdjustLr::SpectralUnclamped), true),
+        // Single rows and columns (the Gram matrix is 1 × 1).
+        ([1, 64], None, true),
+        ([64, 1], Some(AdjustLr::MatchRmsAdamw), true),
     ] {
         let cfg = MuonConfig {
             lr: 0.02,
