@@ -395,9 +395,24 @@ impl<P: Elem> simd::Task for Probe<'_, P> {
 /// Whether every element of a contiguous CPU tensor is finite (a finite-only pass, for the
 /// non-finite check when no norm is needed).
 pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
-    fn go<P: Elem>(x: &[P]) -> bool {
-        par_reduce(x, &|c: &[P]| simd::run(Probe(c)), &|a, b| a && b)
+    struct F;
+    impl SliceFn for F {
+        type Out = bool;
+        fn call<P: Elem>(self, x: &[P]) -> bool {
+            par_reduce(x, &|c: &[P]| simd::run(Probe(c)), &|a, b| a && b)
+        }
     }
+    with_slice(t, F)
+}
+
+/// A computation over the elements of a float CPU tensor, whatever their type.
+trait SliceFn {
+    type Out;
+    fn call<P: Elem>(self, x: &[P]) -> Self::Out;
+}
+
+/// Runs `f` over the elements of a contiguous float CPU tensor.
+fn with_slice<F: SliceFn>(t: &Tensor, f: F) -> Result<F::Out> {
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         return Err(Error::Unsupported("expected a CPU tensor".into()));
@@ -406,10 +421,10 @@ pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
         return Err(Error::Unsupported("expected a contiguous tensor".into()));
     };
     Ok(match cpu {
-        CpuStorage::F32(v) => go::<f32>(&v[a..b]),
-        CpuStorage::F64(v) => go::<f64>(&v[a..b]),
-        CpuStorage::BF16(v) => go::<bf16>(&v[a..b]),
-        CpuStorage::F16(v) => go::<f16>(&v[a..b]),
+        CpuStorage::F32(v) => f.call::<f32>(&v[a..b]),
+        CpuStorage::F64(v) => f.call::<f64>(&v[a..b]),
+        CpuStorage::BF16(v) => f.call::<bf16>(&v[a..b]),
+        CpuStorage::F16(v) => f.call::<f16>(&v[a..b]),
         other => {
             return Err(Error::Unsupported(format!(
                 "gradient dtype {:?} is not supported",
@@ -539,25 +554,14 @@ pub(crate) fn rescaled_sum_sq<P: Elem>(x: &[P]) -> (f64, f64) {
 
 /// Statistics of a contiguous CPU tensor (Σx², and Σ(x-mean)² if `centered`).
 pub(crate) fn grad_stats(t: &Tensor, centered: bool) -> Result<GradStats> {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return Err(Error::Unsupported("expected a CPU tensor".into()));
-    };
-    let Some((a, b)) = layout.contiguous_offsets() else {
-        return Err(Error::Unsupported("expected a contiguous tensor".into()));
-    };
-    Ok(match cpu {
-        CpuStorage::F32(v) => stats_of::<f32>(&v[a..b], centered),
-        CpuStorage::F64(v) => stats_of::<f64>(&v[a..b], centered),
-        CpuStorage::BF16(v) => stats_of::<bf16>(&v[a..b], centered),
-        CpuStorage::F16(v) => stats_of::<f16>(&v[a..b], centered),
-        other => {
-            return Err(Error::Unsupported(format!(
-                "gradient dtype {:?} is not supported",
-                other.dtype()
-            )))
+    struct F(bool);
+    impl SliceFn for F {
+        type Out = GradStats;
+        fn call<P: Elem>(self, x: &[P]) -> GradStats {
+            stats_of(x, self.0)
         }
-    })
+    }
+    with_slice(t, F(centered))
 }
 
 /// `dst += src` in place (same shape and dtype, both contiguous).
