@@ -1,7 +1,10 @@
 //! Checkpoints of the whole optimizer state, as safetensors.
 //!
 //! Every state tensor is stored under `<parameter name>/<slot>` (e.g.
-//! `h.0.attn.c_attn.weight/exp_avg`) in its own dtype (f32; f64 for f64 parameters). The
+//! `h.0.attn.c_attn.weight/exp_avg`) in its own dtype (f32, f64 for f64 parameters, or bf16);
+//! 8-bit state as `<parameter name>/<slot>.codes` (u8, the parameter's shape) and
+//! `<parameter name>/<slot>.absmax` (f32, one per block of 256), with each group's state format
+//! in the metadata. The
 //! safetensors metadata key `candle_optim` holds JSON with a CRC-32 and the rest of the state:
 //! format version, algorithm, the base and every group's hyperparameters, step counters, the
 //! per-parameter scalars (SGD-SaI's g-SNR) and optimizer-wide ones (its maximum), the schedule,
@@ -16,6 +19,7 @@ use crate::algorithm::Algorithm;
 use crate::driver::{NonFinitePolicy, Optim};
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
+use crate::state::{ParamRounding, SlotFormat, StateFormat, StateTensor};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype, SafeTensors, View};
@@ -27,8 +31,9 @@ use std::path::Path;
 /// The safetensors metadata key.
 pub const META_KEY: &str = "candle_optim";
 /// The checkpoint format version written by this crate (2: one source for the learning rate,
-/// parameters named by position marked as such).
-pub const FORMAT_VERSION: u32 = 2;
+/// parameters named by position marked as such; 3: state formats and parameter rounding).
+/// Version 2 files still load (as f32 state with nearest rounding).
+pub const FORMAT_VERSION: u32 = 3;
 
 /// At most this many characters of a string read from a file appear in an error message.
 const QUOTE_CHARS: usize = 64;
@@ -46,6 +51,7 @@ struct State<A: Algorithm> {
     schedule: Option<Schedule>,
     policy: NonFinitePolicy,
     max_grad_norm: Option<f64>,
+    rounding: ParamRounding,
     global: A::Global,
     groups: Vec<GroupState<A>>,
 }
@@ -55,6 +61,7 @@ struct State<A: Algorithm> {
 struct GroupState<A: Algorithm> {
     config: A,
     lr_ratio: f64,
+    state_format: StateFormat,
     step: u64,
     params: Vec<ParamState<A>>,
 }
@@ -115,6 +122,14 @@ fn blob(t: &Tensor) -> Result<Blob> {
                 .flat_map(|x| x.to_le_bytes())
                 .collect(),
         ),
+        DType::BF16 => (
+            Dtype::BF16,
+            t.to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DType::U8 => (Dtype::U8, t.to_vec1::<u8>()?),
         other => return Err(Error::Checkpoint(format!("state dtype {other:?}"))),
     };
     Ok(Blob {
@@ -182,10 +197,20 @@ impl<A: Algorithm> Optim<A> {
                     )));
                 }
                 if let Some(slots) = &p.slots {
-                    for (slot, t) in g.config.param_slots(p.var.dims()).iter().zip(slots) {
-                        let mut b = blob(t)?;
-                        b.shape = t.dims().to_vec();
-                        tensors.push((format!("{}/{}", p.name, slot.name), b));
+                    for (slot, st) in g.config.param_slots(p.var.dims()).iter().zip(slots) {
+                        let key = format!("{}/{}", p.name, slot.name);
+                        let parts: Vec<(String, &Tensor)> = match st {
+                            StateTensor::Dense(t) => vec![(key, t)],
+                            StateTensor::Blockwise8 { codes, absmax, .. } => vec![
+                                (format!("{key}.codes"), codes),
+                                (format!("{key}.absmax"), absmax),
+                            ],
+                        };
+                        for (key, t) in parts {
+                            let mut b = blob(t)?;
+                            b.shape = t.dims().to_vec();
+                            tensors.push((key, b));
+                        }
                     }
                 }
                 params.push(ParamState::<A> {
@@ -202,6 +227,7 @@ impl<A: Algorithm> Optim<A> {
             groups.push(GroupState::<A> {
                 config: g.config.clone(),
                 lr_ratio: g.lr_ratio,
+                state_format: g.format,
                 step: g.step,
                 params,
             });
@@ -223,6 +249,7 @@ impl<A: Algorithm> Optim<A> {
             schedule: self.schedule.clone(),
             policy: self.policy,
             max_grad_norm: self.max_grad_norm,
+            rounding: self.rounding,
             global: self.global.clone(),
             groups,
         };
@@ -264,7 +291,21 @@ impl<A: Algorithm> Optim<A> {
     /// `candle_nn::optim::Optimizer::new`) are matched by shape and dtype, never by position;
     /// if two of them in one group share both, the load fails with
     /// [`Error::AmbiguousCheckpoint`].
+    ///
+    /// Each group's state format must be this optimizer's ([`Error::StateFormatMismatch`]
+    /// otherwise); [`load_bytes_converting`](Self::load_bytes_converting) converts instead.
     pub fn load_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        self.load_impl(bytes, false)
+    }
+
+    /// Like [`load_bytes`](Self::load_bytes), but state stored in another format than this
+    /// optimizer's groups use is converted on load: decoded to f32 and encoded in this
+    /// optimizer's format (8-bit state is requantized; converting to 8-bit or bf16 rounds).
+    pub fn load_bytes_converting(&mut self, bytes: &[u8]) -> Result<()> {
+        self.load_impl(bytes, true)
+    }
+
+    fn load_impl(&mut self, bytes: &[u8], convert: bool) -> Result<()> {
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| corrupt(format!("not a readable safetensors file: {e}")))?;
         let (_, header) = SafeTensors::read_metadata(bytes)
@@ -296,7 +337,15 @@ impl<A: Algorithm> Optim<A> {
         }
         // Only the version and algorithm are read first, so another algorithm's checkpoint
         // gets that error.
-        let head: serde_json::Value = serde_json::from_str(state_json).map_err(corrupt)?;
+        let mut head: serde_json::Value = serde_json::from_str(state_json).map_err(corrupt)?;
+        if head["format_version"].as_u64() == Some(2) {
+            // Version 2 had f32 state and nearest rounding only.
+            head["format_version"] = FORMAT_VERSION.into();
+            head["rounding"] = serde_json::json!("nearest");
+            for g in head["groups"].as_array_mut().into_iter().flatten() {
+                g["state_format"] = serde_json::json!("f32");
+            }
+        }
         if head["format_version"].as_u64() != Some(FORMAT_VERSION as u64) {
             return Err(corrupt(format!(
                 "format version {} (this crate reads {FORMAT_VERSION})",
@@ -326,7 +375,7 @@ impl<A: Algorithm> Optim<A> {
         // For each group: for each of this optimizer's parameters, the index of its entry in
         // the checkpoint's group, and its state.
         let mut order: Vec<Vec<usize>> = Vec::with_capacity(self.groups.len());
-        let mut new_slots: Vec<Vec<Option<Vec<Tensor>>>> = Vec::new();
+        let mut new_slots: Vec<Vec<Option<Vec<StateTensor>>>> = Vec::new();
         let mut used = 0usize;
         for (gi, (gs, g)) in state.groups.iter().zip(&self.groups).enumerate() {
             let ratio = crate::driver::lr_ratio(state.base.lr(), gs.config.lr(), gs.lr_ratio)?;
@@ -337,6 +386,13 @@ impl<A: Algorithm> Optim<A> {
                 )));
             }
             ratios.push(ratio);
+            if gs.state_format != g.format && !convert {
+                return Err(Error::StateFormatMismatch {
+                    group: gi,
+                    checkpoint: gs.state_format.to_string(),
+                    optimizer: g.format.to_string(),
+                });
+            }
             if gs.params.len() != g.params.len() {
                 return Err(mismatch(format!(
                     "group {gi} has {} parameters, this optimizer's has {}",
@@ -362,35 +418,90 @@ impl<A: Algorithm> Optim<A> {
                     group_slots.push(None);
                     continue;
                 }
-                let want = if p.var.dtype() == DType::F64 {
+                let full = if p.var.dtype() == DType::F64 {
                     Dtype::F64
                 } else {
                     Dtype::F32
                 };
+                let numel = p.var.elem_count();
+                let stored = gs.state_format.resolve(numel);
+                let target = g.format.resolve(numel);
                 let mut slots = Vec::new();
                 for slot in gs.config.param_slots(p.var.dims()) {
                     let key = format!("{}/{}", ps.name, slot.name);
-                    let view = st
-                        .tensor(&key)
-                        .map_err(|_| mismatch(format!("no state tensor `{}`", quote(&key))))?;
-                    if view.dtype() != want || view.shape() != p.var.dims() {
-                        return Err(mismatch(format!(
-                            "state tensor `{}` is {:?} {:?}, expected {want:?} {:?}",
-                            quote(&key),
-                            view.shape(),
-                            view.dtype(),
-                            p.var.dims()
-                        )));
-                    }
-                    let t = view.load(&Device::Cpu)?;
-                    if !slot.signed {
-                        check_nonnegative(&key, &t)?;
-                    }
-                    slots.push(crate::backend::cpu::place_state(
-                        p.var.as_tensor(),
-                        t.to_device(p.var.device())?,
-                    )?);
-                    used += 1;
+                    let load = |key: &str, want: Dtype, shape: &[usize]| -> Result<Tensor> {
+                        let view = st
+                            .tensor(key)
+                            .map_err(|_| mismatch(format!("no state tensor `{}`", quote(key))))?;
+                        if view.dtype() != want || view.shape() != shape {
+                            return Err(mismatch(format!(
+                                "state tensor `{}` is {:?} {:?}, expected {want:?} {shape:?}",
+                                quote(key),
+                                view.dtype(),
+                                view.shape(),
+                            )));
+                        }
+                        Ok(view.load(&Device::Cpu)?)
+                    };
+                    let loaded = match stored {
+                        SlotFormat::Full | SlotFormat::Bf16 => {
+                            let want = if stored == SlotFormat::Bf16 {
+                                Dtype::BF16
+                            } else {
+                                full
+                            };
+                            let t = load(&key, want, p.var.dims())?;
+                            if !slot.signed {
+                                check_nonnegative(&key, &t)?;
+                            }
+                            used += 1;
+                            StateTensor::Dense(t)
+                        }
+                        SlotFormat::Blockwise8 => {
+                            let codes = load(&format!("{key}.codes"), Dtype::U8, p.var.dims())?;
+                            let absmax = load(
+                                &format!("{key}.absmax"),
+                                Dtype::F32,
+                                &[numel.div_ceil(crate::state::BLOCK)],
+                            )?;
+                            check_absmax(&key, &absmax)?;
+                            used += 2;
+                            StateTensor::Blockwise8 {
+                                codes,
+                                absmax,
+                                signed: slot.signed,
+                            }
+                        }
+                    };
+                    let loaded = if stored == target {
+                        loaded
+                    } else {
+                        let values = loaded.to_f32()?;
+                        let values = if full == Dtype::F64 {
+                            values.to_dtype(DType::F64)?
+                        } else {
+                            values
+                        };
+                        StateTensor::encode(&values, target, slot.signed)?
+                    };
+                    let param = p.var.as_tensor();
+                    slots.push(match loaded {
+                        StateTensor::Dense(t) => StateTensor::Dense(
+                            crate::backend::cpu::place_state(param, t.to_device(param.device())?)?,
+                        ),
+                        StateTensor::Blockwise8 {
+                            codes,
+                            absmax,
+                            signed,
+                        } => StateTensor::Blockwise8 {
+                            codes: crate::backend::cpu::place_state(
+                                param,
+                                codes.to_device(param.device())?,
+                            )?,
+                            absmax: absmax.to_device(param.device())?,
+                            signed,
+                        },
+                    });
                 }
                 group_slots.push(Some(slots));
             }
@@ -434,6 +545,7 @@ impl<A: Algorithm> Optim<A> {
         self.schedule = state.schedule;
         self.policy = state.policy;
         self.max_grad_norm = state.max_grad_norm;
+        self.rounding = state.rounding;
         Ok(())
     }
 }
@@ -577,6 +689,21 @@ fn match_params<A: Algorithm>(
         out.push(k);
     }
     Ok(out)
+}
+
+/// Fails unless every absmax of 8-bit state read from a file is finite and ≥ 0.
+fn check_absmax(key: &str, t: &Tensor) -> Result<()> {
+    let bad = t
+        .to_vec1::<f32>()?
+        .into_iter()
+        .any(|x| !(x >= 0.0 && x.is_finite()));
+    if bad {
+        return Err(corrupt(format!(
+            "8-bit state `{}` has a negative or non-finite absmax",
+            quote(key)
+        )));
+    }
+    Ok(())
 }
 
 /// Fails unless every element of `t` (a state tensor read from a file) is ≥ 0: a slot that

@@ -13,6 +13,7 @@ use crate::backend::{self, Work};
 use crate::error::{Error, Result};
 use crate::reduce::Reducer as _;
 use crate::schedule::Schedule;
+use crate::state::{rounding_key, ParamRounding, SlotFormat, StateFormat, StateTensor};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -70,22 +71,28 @@ pub struct ParamState {
     pub group: usize,
     /// How many updates it has received.
     pub step: u64,
-    /// The state tensors, by slot name (`exp_avg`, `exp_avg_sq`, `momentum_buffer`, ...).
-    pub slots: Vec<(&'static str, Tensor)>,
+    /// The state slots, by slot name (`exp_avg`, `exp_avg_sq`, `momentum_buffer`, ...), as
+    /// stored ([`StateTensor::to_f32`] gives the values of any format).
+    pub slots: Vec<(&'static str, StateTensor)>,
     /// Per-parameter scalars (SGD-SaI: `gsnr`).
     pub scalars: Vec<(&'static str, f64)>,
 }
 
-/// Optimizer-state bytes of one group in one dtype.
+/// Optimizer-state bytes of one group in one storage format.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupMemory {
     /// Group index.
     pub group: usize,
-    /// The state tensors' dtype.
+    /// How the state is stored: `"f32"`, `"f64"`, `"bf16"` or `"blockwise8"` (a group in the
+    /// blockwise8 format also has `"f32"` rows for its tensors under `min_8bit_size`).
+    pub format: &'static str,
+    /// The dtype of the state values (u8 for 8-bit codes).
     pub dtype: DType,
-    /// Parameters of the group with state in this dtype.
+    /// Parameters of the group with state in this format.
     pub params: usize,
-    /// Bytes of state tensors.
+    /// Elements of those parameters.
+    pub elements: usize,
+    /// Bytes of state tensors (8-bit: codes and absmax).
     pub bytes: usize,
 }
 
@@ -98,7 +105,7 @@ pub(crate) struct Param<A: Algorithm> {
     /// name, so a checkpoint can be matched to it only by shape (see [`crate::checkpoint`]).
     pub positional: bool,
     pub var: Var,
-    pub slots: Option<Vec<Tensor>>,
+    pub slots: Option<Vec<StateTensor>>,
     pub t: u64,
     pub extra: A::ParamExtra,
     pub fresh: bool,
@@ -109,6 +116,8 @@ pub(crate) struct Group<A: Algorithm> {
     pub config: A,
     /// This group's learning rate divided by the base rate (fixed at construction).
     pub lr_ratio: f64,
+    /// How the group keeps its state.
+    pub format: StateFormat,
     pub params: Vec<Param<A>>,
     pub step: u64,
 }
@@ -128,6 +137,8 @@ pub struct Optim<A: Algorithm> {
     pub(crate) schedule: Option<Schedule>,
     pub(crate) policy: NonFinitePolicy,
     pub(crate) max_grad_norm: Option<f64>,
+    /// How bf16 parameters are written back.
+    pub(crate) rounding: ParamRounding,
     reducer: Reducer,
 }
 
@@ -159,12 +170,32 @@ fn state_dtype(param: DType) -> DType {
 impl<A: Algorithm> Optim<A> {
     pub(crate) fn from_parts(
         base: A,
-        groups: Vec<(A, f64, Vec<PoolVar>)>,
+        groups: Vec<(A, f64, StateFormat, Vec<PoolVar>)>,
         policy: NonFinitePolicy,
         max_grad_norm: Option<f64>,
         schedule: Option<Schedule>,
+        rounding: ParamRounding,
     ) -> Result<Self> {
         base.validate()?;
+        let matrix = <<A::Kernel as crate::Kernel>::Execution as crate::algorithm::Execution<
+            A::Kernel,
+        >>::KIND
+            == crate::algorithm::ExecutionKind::Matrix;
+        if matrix {
+            if let Some((_, _, f, _)) = groups.iter().find(|g| g.2 != StateFormat::F32) {
+                return Err(Error::Unsupported(format!(
+                    "{}: state format {} is not supported (f32 only)",
+                    A::NAME,
+                    f.name()
+                )));
+            }
+            if rounding != ParamRounding::Nearest {
+                return Err(Error::Unsupported(format!(
+                    "{}: stochastic rounding of parameters is not supported",
+                    A::NAME
+                )));
+            }
+        }
         if let Some(s) = &schedule {
             s.validate()?;
         }
@@ -176,10 +207,11 @@ impl<A: Algorithm> Optim<A> {
         let base_lr = base.lr();
         let groups = groups
             .into_iter()
-            .map(|(config, lr_ratio, vars)| {
+            .map(|(config, lr_ratio, format, vars)| {
                 config.validate()?;
                 Ok(Group {
                     lr_ratio,
+                    format,
                     config,
                     params: vars
                         .into_iter()
@@ -206,6 +238,7 @@ impl<A: Algorithm> Optim<A> {
             steps: 0,
             policy,
             max_grad_norm,
+            rounding,
             reducer: Reducer::new(),
         })
     }
@@ -226,6 +259,16 @@ impl<A: Algorithm> Optim<A> {
     pub fn group_learning_rate(&self, i: usize) -> Option<f64> {
         let lr = self.learning_rate();
         self.groups.get(i).map(|g| lr * g.lr_ratio)
+    }
+
+    /// How group `i` keeps its optimizer state.
+    pub fn group_state_format(&self, i: usize) -> Option<StateFormat> {
+        self.groups.get(i).map(|g| g.format)
+    }
+
+    /// How bf16 parameters are written back after an update.
+    pub fn param_rounding(&self) -> ParamRounding {
+        self.rounding
     }
 
     /// Number of parameter groups.
@@ -330,12 +373,7 @@ impl<A: Algorithm> Optim<A> {
     pub fn state_bytes(&self) -> usize {
         self.params()
             .map(|p| {
-                let tensors: usize = p
-                    .slots
-                    .iter()
-                    .flatten()
-                    .map(|s| s.elem_count() * s.dtype().size_in_bytes())
-                    .sum();
+                let tensors: usize = p.slots.iter().flatten().map(StateTensor::bytes).sum();
                 tensors + A::extra_scalars(&p.extra).len() * 4
             })
             .sum()
@@ -348,32 +386,38 @@ impl<A: Algorithm> Optim<A> {
             .flat_map(|g| {
                 g.params
                     .iter()
-                    .map(|p| param_traffic_bytes(&g.config, p.var.dims(), p.var.dtype()))
+                    .map(|p| param_traffic_bytes(&g.config, g.format, p.var.dims(), p.var.dtype()))
             })
             .sum()
     }
 
-    /// State bytes per group and dtype (only parameters that have state).
+    /// State bytes per group and storage format (only parameters that have state).
     pub fn memory_report(&self) -> Vec<GroupMemory> {
         let mut out: Vec<GroupMemory> = Vec::new();
         for (gi, g) in self.groups.iter().enumerate() {
-            for slots in g.params.iter().filter_map(|p| p.slots.as_ref()) {
-                let Some(dtype) = slots.first().map(|t| t.dtype()) else {
+            for p in &g.params {
+                let Some(slots) = p.slots.as_ref() else {
                     continue;
                 };
-                let bytes: usize = slots
-                    .iter()
-                    .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-                    .sum();
-                match out.iter_mut().find(|m| m.group == gi && m.dtype == dtype) {
+                let Some(first) = slots.first() else {
+                    continue;
+                };
+                let format = first.format_name();
+                let dtype = first.tensors()[0].dtype();
+                let bytes: usize = slots.iter().map(StateTensor::bytes).sum();
+                let elements = p.var.elem_count();
+                match out.iter_mut().find(|m| m.group == gi && m.format == format) {
                     Some(m) => {
                         m.params += 1;
+                        m.elements += elements;
                         m.bytes += bytes;
                     }
                     None => out.push(GroupMemory {
                         group: gi,
+                        format,
                         dtype,
                         params: 1,
+                        elements,
                         bytes,
                     }),
                 }
@@ -382,8 +426,9 @@ impl<A: Algorithm> Optim<A> {
         out
     }
 
-    /// State bytes per parameter element, as the configuration prescribes (AdamW: 8, 12 with
-    /// amsgrad; SGD-SaI: 4), for f32, bf16 and f16 parameters.
+    /// State bytes per parameter element, as the configuration and the state format prescribe
+    /// (f32 AdamW: 8, 12 with amsgrad; SGD-SaI: 4; 8-bit AdamW ≈ 2.03 plus the f32 state of
+    /// tensors under `min_8bit_size`), for f32, bf16 and f16 parameters.
     pub fn state_bytes_per_element(&self) -> f64 {
         let n = self.num_elements();
         if n == 0 {
@@ -393,9 +438,10 @@ impl<A: Algorithm> Optim<A> {
             .groups
             .iter()
             .flat_map(|g| {
-                g.params
-                    .iter()
-                    .map(|p| g.config.param_slots(p.var.dims()).len() * 4 * p.var.elem_count())
+                g.params.iter().map(|p| {
+                    g.config.param_slots(p.var.dims()).len()
+                        * g.format.slot_bytes(p.var.elem_count(), 4)
+                })
             })
             .sum();
         bytes as f64 / n as f64
@@ -525,7 +571,10 @@ impl<A: Algorithm> Optim<A> {
         // takes the write locks.
         let owned: std::collections::HashSet<usize> = self
             .params()
-            .flat_map(|p| std::iter::once(p.var.as_tensor()).chain(p.slots.iter().flatten()))
+            .flat_map(|p| {
+                std::iter::once(p.var.as_tensor())
+                    .chain(p.slots.iter().flatten().flat_map(StateTensor::tensors))
+            })
             .map(storage_addr)
             .collect();
         let mut present = Vec::with_capacity(self.num_params());
@@ -660,19 +709,33 @@ impl<A: Algorithm> Optim<A> {
 
     /// New zeroed state for every parameter with a gradient whose state is missing (or was
     /// made for another slot count), in the order of `present`'s gradients.
-    fn allocate(&self, present: &[Option<Tensor>]) -> Result<Vec<Option<Vec<Tensor>>>> {
+    fn allocate(&self, present: &[Option<Tensor>]) -> Result<Vec<Option<Vec<StateTensor>>>> {
         let mut out = Vec::new();
         let mut grad_it = present.iter();
         for group in &self.groups {
             for p in &group.params {
-                let nslots = group.config.param_slots(p.var.dims()).len();
+                let slots = group.config.param_slots(p.var.dims());
                 if let Some(Some(_)) = grad_it.next() {
                     out.push(if needs_slots(p, &group.config) {
                         let dt = state_dtype(p.var.dtype());
+                        let numel = p.var.elem_count();
+                        let format = group.format.resolve(numel);
+                        let param = p.var.as_tensor();
+                        let alloc = |d| crate::backend::cpu::state_zeros(param, d);
                         Some(
-                            (0..nslots)
-                                .map(|_| crate::backend::cpu::state_zeros(p.var.as_tensor(), dt))
-                                .collect::<candle_core::Result<Vec<_>>>()?,
+                            slots
+                                .iter()
+                                .map(|s| {
+                                    StateTensor::zeros(
+                                        format,
+                                        s.signed,
+                                        dt,
+                                        &alloc,
+                                        numel,
+                                        param.device(),
+                                    )
+                                })
+                                .collect::<Result<Vec<_>>>()?,
                         )
                     } else {
                         None
@@ -689,15 +752,23 @@ impl<A: Algorithm> Optim<A> {
         &self,
         present: &[Option<Tensor>],
         plan: &Plan<A>,
-        new_slots: &[Option<Vec<Tensor>>],
+        new_slots: &[Option<Vec<StateTensor>>],
     ) -> Result<()> {
         let mut grad_it = present.iter();
         let mut k = 0;
+        let mut index = 0;
         for group in &self.groups {
             let mut work = Vec::with_capacity(group.params.len());
             for p in &group.params {
+                index += 1;
                 let Some(Some(grad)) = grad_it.next() else {
                     continue;
+                };
+                let rounding = match self.rounding {
+                    ParamRounding::Stochastic { seed } if p.var.dtype() == DType::BF16 => {
+                        Some(rounding_key(seed, index - 1, p.t + 1))
+                    }
+                    _ => None,
                 };
                 let slots = match &new_slots[k] {
                     Some(s) => s.as_slice(),
@@ -709,6 +780,7 @@ impl<A: Algorithm> Optim<A> {
                     slots,
                     shape: p.var.shape(),
                     kernel: plan.kernels[k],
+                    rounding,
                 });
                 k += 1;
             }
@@ -722,7 +794,7 @@ impl<A: Algorithm> Optim<A> {
         &mut self,
         present: &[Option<Tensor>],
         plan: Plan<A>,
-        new_slots: Vec<Option<Vec<Tensor>>>,
+        new_slots: Vec<Option<Vec<StateTensor>>>,
     ) {
         let mut grad_it = present.iter();
         let mut extras = plan.extras.into_iter();
@@ -753,15 +825,25 @@ struct Plan<A: Algorithm> {
     kernels: Vec<A::Kernel>,
 }
 
-/// Bytes one fused step moves for a parameter of this shape and dtype (state is f32, f64 for
-/// f64 parameters).
+/// Bytes one fused step moves for a parameter of this shape and dtype with its state in
+/// `format` (full-precision state is f32, f64 for f64 parameters).
 pub(crate) fn param_traffic_bytes<A: Algorithm>(
     config: &A,
+    format: StateFormat,
     shape: &[usize],
     dtype: DType,
 ) -> usize {
     let n: usize = shape.iter().product();
-    config.traffic_bytes(n, shape.len(), dtype.size_in_bytes())
+    let full = config.traffic_bytes(n, shape.len(), dtype.size_in_bytes());
+    // The algorithm counts its state at 4 bytes per element and slot; other formats move the
+    // same passes over fewer bytes.
+    let slots = config.param_slots(shape).len();
+    let f32_state = 2 * 4 * n * slots;
+    let stored = match format.resolve(n) {
+        SlotFormat::Full => return full,
+        _ => 2 * slots * format.slot_bytes(n, 4),
+    };
+    full.saturating_sub(f32_state) + stored
 }
 
 /// Whether `p` has no state yet, or state made for another slot count.

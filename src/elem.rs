@@ -22,6 +22,7 @@ pub trait Real:
     + DivAssign
     + std::fmt::Debug
     + candle_core::WithDType
+    + Elem<Math = Self>
     + 'static
 {
     /// 0.
@@ -164,6 +165,13 @@ pub trait Elem: candle_core::WithDType + Copy + Send + Sync {
     fn load(self) -> Self::Math;
     /// Round from the compute type (round-to-nearest-even).
     fn store(x: Self::Math) -> Self;
+    /// Round from the compute type stochastically with 16 uniform random bits (bf16); the other
+    /// types round as [`store`](Self::store).
+    #[inline(always)]
+    fn store_stochastic(x: Self::Math, random16: u32) -> Self {
+        let _ = random16;
+        Self::store(x)
+    }
 }
 
 impl Elem for f32 {
@@ -200,6 +208,10 @@ impl Elem for bf16 {
     fn store(x: f32) -> Self {
         bf16::from_f32(x)
     }
+    #[inline(always)]
+    fn store_stochastic(x: f32, random16: u32) -> Self {
+        bf16_stochastic(x, random16)
+    }
 }
 
 impl Elem for f16 {
@@ -212,6 +224,21 @@ impl Elem for f16 {
     fn store(x: f32) -> Self {
         f16::from_f32(x)
     }
+}
+
+/// bf16 from f32 with stochastic rounding: rounds up with probability equal to the distance
+/// from the value rounded down, in units of the bf16 spacing, given 16 uniform random bits.
+/// Infinities and NaN round to nearest.
+#[inline(always)]
+pub(crate) fn bf16_stochastic(x: f32, random16: u32) -> bf16 {
+    let b = x.to_bits();
+    if !x.is_finite() {
+        return bf16::from_f32(x);
+    }
+    // Adding a uniform value below one unit of the kept part before truncating rounds up with
+    // the probability of the dropped fraction (a carry can reach the exponent: the next binade,
+    // or infinity from the largest finite values, which is where the value rounds up to).
+    bf16::from_bits(((b + (random16 & 0xFFFF)) >> 16) as u16)
 }
 
 #[cfg(test)]
@@ -241,5 +268,18 @@ mod tests {
         assert!(f32::NAN.sign().is_nan());
         assert_eq!(3f32.sign(), 1.0);
         assert_eq!((-3f64).sign(), -1.0);
+    }
+
+    #[test]
+    fn stochastic_rounding_brackets_the_value() {
+        let x = 1.0f32 + 3.0 * f32::EPSILON;
+        let lo = bf16::from_bits((x.to_bits() >> 16) as u16);
+        for r in [0u32, 1, 0x7FFF, 0xFFFF] {
+            let y = bf16_stochastic(x, r);
+            assert!(y == lo || y.to_bits() == lo.to_bits() + 1);
+        }
+        assert_eq!(bf16_stochastic(0.0, 0xFFFF).to_f32(), 0.0);
+        assert!(bf16_stochastic(f32::NAN, 5).is_nan());
+        assert_eq!(bf16_stochastic(-2.0, 0xFFFF).to_f32(), -2.0);
     }
 }

@@ -119,6 +119,18 @@ pub enum Error {
     #[error("checkpoint: {0}")]
     AmbiguousCheckpoint(String),
 
+    /// A checkpoint whose state is stored in another format than this optimizer's group keeps
+    /// it in (load with `load_bytes_converting` to convert).
+    #[error("checkpoint: group {group} holds {checkpoint} state, this optimizer's keeps {optimizer} state (load_bytes_converting converts)")]
+    StateFormatMismatch {
+        /// The group.
+        group: usize,
+        /// The checkpoint's format.
+        checkpoint: String,
+        /// This optimizer's.
+        optimizer: String,
+    },
+
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

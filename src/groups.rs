@@ -5,6 +5,7 @@ use crate::algorithms::muon::MuonConfig;
 use crate::driver::{NonFinitePolicy, Optim, PoolVar};
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
+use crate::state::{ParamRounding, StateFormat};
 use candle_core::{DType, Var};
 use std::collections::HashSet;
 
@@ -110,6 +111,9 @@ pub struct OptimBuilder<A: Algorithm> {
     max_grad_norm: Option<f64>,
     schedule: Option<Schedule>,
     auto_names: usize,
+    format: StateFormat,
+    group_formats: Vec<(usize, StateFormat)>,
+    rounding: ParamRounding,
 }
 
 impl<A: Algorithm> OptimBuilder<A> {
@@ -124,6 +128,9 @@ impl<A: Algorithm> OptimBuilder<A> {
             max_grad_norm: None,
             schedule: None,
             auto_names: 0,
+            format: StateFormat::F32,
+            group_formats: Vec::new(),
+            rounding: ParamRounding::Nearest,
         }
     }
 
@@ -239,6 +246,28 @@ impl<A: Algorithm> OptimBuilder<A> {
         self
     }
 
+    /// How every group keeps its optimizer state (default [`StateFormat::F32`]), unless
+    /// [`group_state_format`](Self::group_state_format) sets a group's own.
+    pub fn state_format(mut self, format: StateFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// How group `group` keeps its state: 0 is the group of the parameters no
+    /// [`group`](Self::group) call took, `i + 1` the `i`-th `group` call's. An index beyond the
+    /// groups built is an error at [`build`](Self::build).
+    pub fn group_state_format(mut self, group: usize, format: StateFormat) -> Self {
+        self.group_formats.push((group, format));
+        self
+    }
+
+    /// How bf16 parameters are written back (default [`ParamRounding::Nearest`]):
+    /// [`ParamRounding::Stochastic`] keeps bf16 weights without an f32 master copy.
+    pub fn param_rounding(mut self, rounding: ParamRounding) -> Self {
+        self.rounding = rounding;
+        self
+    }
+
     /// Multiplies the learning rate by `schedule` (see [`Schedule`]).
     pub fn schedule(mut self, schedule: Schedule) -> Self {
         self.schedule = Some(schedule);
@@ -253,11 +282,26 @@ impl<A: Algorithm> OptimBuilder<A> {
         // Group 0 holds what no `group` call took (possibly nothing); group i + 1 is the i-th
         // `group` call's, so indices are predictable.
         let mut groups = Vec::with_capacity(self.groups.len() + 1);
-        groups.push((self.base.clone(), 1.0, self.pool));
-        groups.extend(self.groups);
+        groups.push((self.base.clone(), 1.0, self.format, self.pool));
+        groups.extend(
+            self.groups
+                .into_iter()
+                .map(|(c, r, vars)| (c, r, self.format, vars)),
+        );
+        for &(i, f) in &self.group_formats {
+            match groups.get_mut(i) {
+                Some(g) => g.2 = f,
+                None => {
+                    return Err(Error::Unsupported(format!(
+                        "group_state_format: no group {i} (the optimizer has {})",
+                        groups.len()
+                    )))
+                }
+            }
+        }
         let mut names = HashSet::new();
         let mut ids = HashSet::new();
-        for (n, v, _) in groups.iter().flat_map(|(_, _, g)| g.iter()) {
+        for (n, v, _) in groups.iter().flat_map(|(_, _, _, g)| g.iter()) {
             if !names.insert(n.as_str()) || !ids.insert(v.id()) {
                 return Err(Error::DuplicateParameter(n.clone()));
             }
@@ -268,6 +312,7 @@ impl<A: Algorithm> OptimBuilder<A> {
             self.policy,
             self.max_grad_norm,
             self.schedule,
+            self.rounding,
         )
     }
 }

@@ -40,6 +40,7 @@ mod optimizer;
 pub mod reduce;
 mod registry;
 pub mod schedule;
+mod state;
 
 pub use accumulate::{GradAccumulator, Reduction};
 pub use algorithm::NsDtype;
@@ -52,6 +53,10 @@ pub use groups::{is_bias_or_norm, OptimBuilder};
 pub use optimizer::Optimizer;
 pub use registry::AlgoVisitor;
 pub use schedule::{Phase, Schedule};
+pub use state::{
+    dynamic_map, ParamRounding, StateFormat, StateTensor, BLOCK as QUANT_BLOCK,
+    DEFAULT_MIN_8BIT_SIZE,
+};
 
 // The configuration types, the optimizer aliases and `Algo`, from the one table of algorithms.
 registry::algorithm_table!(declare_algorithms);

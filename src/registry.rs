@@ -10,6 +10,7 @@ use crate::driver::param_traffic_bytes;
 use crate::error::{Error, Result};
 use crate::groups::OptimBuilder;
 use crate::optimizer::Optimizer;
+use crate::state::{ParamRounding, StateFormat};
 use candle_core::{DType, Var};
 
 /// THE table of algorithms. Each line: `Variant: module::Config as Alias, "doc";` where
@@ -183,23 +184,30 @@ impl Algo {
         self.visit(V)
     }
 
-    /// State bytes per element for f32 parameters under the configuration `hyperparameters`
-    /// (see [`build_json`](Self::build_json)).
-    pub fn state_bytes_per_element(self, hyperparameters: &serde_json::Value) -> Result<usize> {
-        struct V<'a>(&'a serde_json::Value);
+    /// State bytes per element for f32 parameters of `numel` elements under the configuration
+    /// and state format of `hyperparameters` (see [`build_json`](Self::build_json)): 8 for f32
+    /// AdamW, about 2.03 for 8-bit AdamW on a tensor of at least `min_8bit_size` elements.
+    pub fn state_bytes_per_element(
+        self,
+        hyperparameters: &serde_json::Value,
+        numel: usize,
+    ) -> Result<f64> {
+        struct V<'a>(&'a serde_json::Value, usize);
         impl AlgoVisitor for V<'_> {
-            type Output = Result<usize>;
-            fn visit<A: Algorithm>(self) -> Result<usize> {
-                Ok(parse::<A>(self.0)?.slots().len() * 4)
+            type Output = Result<f64>;
+            fn visit<A: Algorithm>(self) -> Result<f64> {
+                let (hp, format, _) = split_driver_keys(self.0)?;
+                let bytes = parse::<A>(&hp)?.slots().len() * format.slot_bytes(self.1, 4);
+                Ok(bytes as f64 / self.1.max(1) as f64)
             }
         }
-        self.visit(V(hyperparameters))
+        self.visit(V(hyperparameters, numel))
     }
 
-    /// State bytes per element for f32 parameters under the default configuration.
+    /// State bytes per element for f32 parameters under the default configuration (f32 state).
     pub fn default_state_bytes_per_element(self) -> usize {
-        self.state_bytes_per_element(&serde_json::json!({}))
-            .unwrap_or_default()
+        self.state_bytes_per_element(&serde_json::json!({}), 1)
+            .unwrap_or_default() as usize
     }
 
     /// Bytes one fused step must move (reads and writes of parameters, gradients and state)
@@ -214,11 +222,12 @@ impl Algo {
         impl AlgoVisitor for V<'_> {
             type Output = Result<usize>;
             fn visit<A: Algorithm>(self) -> Result<usize> {
-                let config = parse::<A>(self.0)?;
+                let (hp, format, _) = split_driver_keys(self.0)?;
+                let config = parse::<A>(&hp)?;
                 Ok(self
                     .1
                     .iter()
-                    .map(|(shape, dt)| param_traffic_bytes(&config, shape, *dt))
+                    .map(|(shape, dt)| param_traffic_bytes(&config, format, shape, *dt))
                     .sum())
             }
         }
@@ -229,6 +238,22 @@ impl Algo {
     /// official names (`{"lr": 1e-3, "betas": [0.9, 0.999], ...}`); missing keys take the
     /// defaults; a key this algorithm does not have is an error, unless it is `null` or one of
     /// PyTorch's implementation switches (`foreach`, `fused`, `capturable`, `differentiable`).
+    ///
+    /// Three keys choose how the state is kept, for every algorithm: `state_format`
+    /// (`"f32"`, `"bf16"` or `"blockwise8"`, see [`StateFormat`](crate::StateFormat)),
+    /// `min_8bit_size` (blockwise8 only, default 4096) and `stochastic_rounding_seed` (bf16
+    /// parameters written back with stochastic rounding, see
+    /// [`ParamRounding`](crate::ParamRounding)).
+    ///
+    /// ```
+    /// # use candle_core::{Device, DType, Var};
+    /// use candle_optim::Algo;
+    /// let w = Var::zeros((64, 64), DType::F32, &Device::Cpu)?;
+    /// let hp = serde_json::json!({"lr": 1e-3, "state_format": "blockwise8"});
+    /// let opt = Algo::AdamW.build_json(vec![("w".into(), w)], &hp)?;
+    /// assert_eq!(opt.algorithm(), "adamw");
+    /// # Ok::<(), candle_optim::Error>(())
+    /// ```
     pub fn build_json(
         self,
         vars: Vec<(String, Var)>,
@@ -249,7 +274,11 @@ impl Algo {
         impl AlgoVisitor for V<'_> {
             type Output = Result<Box<dyn Optimizer>>;
             fn visit<A: Algorithm>(self) -> Result<Box<dyn Optimizer>> {
-                let mut b = OptimBuilder::new(parse::<A>(self.1)?).named_vars(self.0);
+                let (hp, format, rounding) = split_driver_keys(self.1)?;
+                let mut b = OptimBuilder::new(parse::<A>(&hp)?)
+                    .named_vars(self.0)
+                    .state_format(format)
+                    .param_rounding(rounding);
                 if self.2 {
                     b = b.no_decay_for_bias_and_norm();
                 }
@@ -269,6 +298,49 @@ const IMPLEMENTATION_KEYS: &[&str] = &[
     "differentiable",
     "print_change_log",
 ];
+
+/// The keys every algorithm takes, which the driver handles (`state_format`, `min_8bit_size`,
+/// `stochastic_rounding_seed`; `null` means not set), and the rest of `hp`.
+fn split_driver_keys(
+    hp: &serde_json::Value,
+) -> Result<(serde_json::Value, StateFormat, ParamRounding)> {
+    let mut hp = hp.clone();
+    let Some(obj) = hp.as_object_mut() else {
+        return Ok((hp, StateFormat::F32, ParamRounding::Nearest));
+    };
+    let bad = |k: &str, want: &str| Error::Unsupported(format!("`{k}` must be {want}"));
+    let format = match obj.remove("state_format") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(_) => return Err(bad("state_format", "a string")),
+    };
+    let min = match obj.remove("min_8bit_size") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .and_then(|x| usize::try_from(x).ok())
+                .ok_or_else(|| bad("min_8bit_size", "a non-negative integer"))?,
+        ),
+    };
+    let format = match (format, min) {
+        (Some(f), min) => StateFormat::from_name(&f, min)?,
+        (None, None) => StateFormat::F32,
+        (None, Some(_)) => {
+            return Err(Error::Unsupported(
+                "min_8bit_size needs \"state_format\": \"blockwise8\"".into(),
+            ))
+        }
+    };
+    let rounding = match obj.remove("stochastic_rounding_seed") {
+        None | Some(serde_json::Value::Null) => ParamRounding::Nearest,
+        Some(v) => ParamRounding::Stochastic {
+            seed: v
+                .as_u64()
+                .ok_or_else(|| bad("stochastic_rounding_seed", "a non-negative integer"))?,
+        },
+    };
+    Ok((hp, format, rounding))
+}
 
 /// A configuration from JSON with the official names: missing keys take the defaults; a key
 /// the algorithm does not have is an error unless its value is `null` (not set) or it only

@@ -107,7 +107,7 @@ fn mismatched_gradients_are_typed_errors_and_change_nothing() {
         if let Some(st) = opt.param_state(name0) {
             if let Some((_, slot)) = st.slots.first() {
                 let mut g = grads_for(&vars, 2, DType::F32);
-                g.insert(v0.as_tensor(), slot.clone());
+                g.insert(v0.as_tensor(), slot.as_dense().unwrap().clone());
                 assert!(
                     matches!(opt.step(&g), Err(Error::Aliasing { .. })),
                     "{}",
@@ -207,7 +207,7 @@ fn state_bytes_are_what_the_algorithm_needs() {
         assert_eq!(opt.state_bytes(), bytes + scalars, "{} (bf16)", e.label);
         if let Some(st) = opt.param_state("p0") {
             for (_, t) in st.slots {
-                assert_eq!(t.dtype(), DType::F32);
+                assert_eq!(t.as_dense().unwrap().dtype(), DType::F32);
             }
         }
     }
@@ -470,7 +470,7 @@ fn gradients_aliasing_another_parameter_or_its_state_are_rejected() {
         );
         if let Some((_, slot)) = opt.param_state("p1").and_then(|s| s.slots.first().cloned()) {
             let mut g = grads_for(&vars, 2, DType::F32);
-            g.insert(vars[0].1.as_tensor(), slot);
+            g.insert(vars[0].1.as_tensor(), slot.as_dense().unwrap().clone());
             assert!(
                 matches!(opt.step(&g), Err(Error::Aliasing { .. })),
                 "{}",
@@ -511,6 +511,7 @@ fn cpu_state_reaches_a_cache_line_where_its_parameter_does() {
                     let st = o.param_state(name).unwrap();
                     assert!(!st.slots.is_empty() || e.state_bytes == 0);
                     for (slot, t) in &st.slots {
+                        let t = t.as_dense().unwrap();
                         assert_eq!(
                             (addr(t) + head * 4) % 64,
                             0,

@@ -5,13 +5,18 @@
 //! through a nested `inplace_op1`, so that the innermost call holds `&mut` to the parameter and
 //! every slot at once and runs the single loop. No shared reference is ever written through.
 
+use super::staged::{self, Codec};
 use super::{simd, Work};
-use crate::algorithm::{Execution, Kernel, Slots};
+use crate::algorithm::{Execution, Kernel, Slots, MAX_SLOTS};
 use crate::elem::{Elem, Real};
 use crate::error::{Error, Result};
 use crate::reduce::GradStats;
+use crate::state::{quantizer, StateTensor, BLOCK};
+use arrayvec::ArrayVec;
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Storage, Tensor};
+use candle_core::{
+    bail, CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Storage, Tensor, WithDType,
+};
 use half::{bf16, f16};
 use std::cell::RefCell;
 
@@ -68,34 +73,126 @@ impl<K: Kernel> InplaceOp2 for ParamOp<'_, '_, K> {
 impl<K: Kernel> ParamOp<'_, '_, K> {
     fn run<P: Elem>(&self, p: &mut [P], g: &[P]) -> candle_core::Result<()> {
         let w = self.w;
-        with_slots::<P::Math>(w.slots, Slots::new(), &mut |slots| {
-            for s in slots.iter() {
-                if s.len() != p.len() {
-                    bail!(
-                        "candle-optim: state slot has {} elements, param {}",
-                        s.len(),
-                        p.len()
-                    );
+        let mut tensors: ArrayVec<(&Tensor, Kind), { 2 * MAX_SLOTS }> = ArrayVec::new();
+        for s in w.slots {
+            let pieces: &[(&Tensor, Kind)] = &match s {
+                StateTensor::Dense(t) if t.dtype() == <P::Math as WithDType>::DTYPE => {
+                    [(t, Kind::Math), (t, Kind::None)]
+                }
+                StateTensor::Dense(t) if t.dtype() == DType::BF16 => {
+                    [(t, Kind::Bf16), (t, Kind::None)]
+                }
+                StateTensor::Dense(t) => bail!(
+                    "candle-optim: state tensor of dtype {:?} for a {:?} parameter",
+                    t.dtype(),
+                    P::DTYPE
+                ),
+                StateTensor::Blockwise8 { codes, absmax, .. } => {
+                    [(codes, Kind::Codes), (absmax, Kind::Absmax)]
+                }
+            };
+            for &(t, kind) in pieces {
+                if kind != Kind::None {
+                    if tensors.is_full() {
+                        bail!("candle-optim: too many state slots")
+                    }
+                    tensors.push((t, kind));
                 }
             }
-            <K::Execution as Execution<K>>::update_cpu(&w.kernel, &mut *p, g, slots, w.shape);
+        }
+        with_slots::<P::Math>(&tensors, Raws::new(), &mut |raws| {
+            let n = p.len();
+            let mut raws = raws.into_iter();
+            let mut codecs: ArrayVec<Codec<'_, P::Math>, MAX_SLOTS> = ArrayVec::new();
+            for s in w.slots {
+                let c = match (s, raws.next(), raws.as_slice().first()) {
+                    (StateTensor::Dense(_), Some(RawMut::Math(v)), _) => Codec::Full(v),
+                    (StateTensor::Dense(_), Some(RawMut::Bf16(v)), _) => Codec::Bf16(v),
+                    (
+                        StateTensor::Blockwise8 { signed, .. },
+                        Some(RawMut::Codes(codes)),
+                        Some(RawMut::Absmax(_)),
+                    ) => {
+                        let Some(RawMut::Absmax(absmax)) = raws.next() else {
+                            bail!("candle-optim: 8-bit state without its absmax")
+                        };
+                        if absmax.len() != n.div_ceil(BLOCK) {
+                            bail!(
+                                "candle-optim: 8-bit state has {} absmax values for {n} elements",
+                                absmax.len()
+                            );
+                        }
+                        Codec::Q8 {
+                            codes,
+                            absmax,
+                            q: quantizer(*signed),
+                        }
+                    }
+                    _ => bail!("candle-optim: state tensors do not match their format"),
+                };
+                if c.len() != n {
+                    bail!(
+                        "candle-optim: state slot has {} elements, param {n}",
+                        c.len()
+                    );
+                }
+                codecs.push(c);
+            }
+            if w.rounding.is_none() && codecs.iter().all(|c| matches!(c, Codec::Full(_))) {
+                let slots: Slots<'_, P::Math> = codecs
+                    .into_iter()
+                    .filter_map(|c| match c {
+                        Codec::Full(v) => Some(v),
+                        _ => None,
+                    })
+                    .collect();
+                <K::Execution as Execution<K>>::update_cpu(&w.kernel, &mut *p, g, slots, w.shape);
+            } else {
+                staged::update(&w.kernel, &mut *p, g, codecs, w.shape, w.rounding);
+            }
             Ok(())
         })
     }
 }
 
-type Body<'f, F> = dyn for<'s> FnMut(Slots<'s, F>) -> candle_core::Result<()> + 'f;
+/// What a borrowed state tensor holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Values in the compute type.
+    Math,
+    /// bf16 values.
+    Bf16,
+    /// 8-bit codes.
+    Codes,
+    /// f32 absmax per block.
+    Absmax,
+    /// Nothing (padding in a fixed-size list).
+    None,
+}
+
+/// One borrowed state tensor.
+enum RawMut<'a, F> {
+    Math(&'a mut [F]),
+    Bf16(&'a mut [bf16]),
+    Codes(&'a mut [u8]),
+    Absmax(&'a mut [f32]),
+}
+
+type Raws<'a, F> = ArrayVec<RawMut<'a, F>, { 2 * MAX_SLOTS }>;
+
+type Body<'f, F> = dyn for<'s> FnMut(Raws<'s, F>) -> candle_core::Result<()> + 'f;
 
 /// Borrows each tensor of `tensors` mutably, one nested in-place op per tensor, and calls
 /// `body` with all their slices (after those already in `acc`).
 fn with_slots<F: Real>(
-    tensors: &[Tensor],
-    acc: Slots<'_, F>,
+    tensors: &[(&Tensor, Kind)],
+    acc: Raws<'_, F>,
     body: &mut Body<'_, F>,
 ) -> candle_core::Result<()> {
     match tensors.split_first() {
         None => body(acc),
-        Some((t, rest)) => t.inplace_op1(&SlotOp {
+        Some(((t, kind), rest)) => t.inplace_op1(&SlotOp {
+            kind: *kind,
             rest,
             acc: RefCell::new(Some(acc)),
             body: RefCell::new(body),
@@ -103,29 +200,37 @@ fn with_slots<F: Real>(
     }
 }
 
-struct SlotOp<'a, 'b, 'c, F: Real> {
-    rest: &'a [Tensor],
-    acc: RefCell<Option<Slots<'b, F>>>,
+struct SlotOp<'a, 'b, 'c, 'd, F: Real> {
+    kind: Kind,
+    rest: &'a [(&'d Tensor, Kind)],
+    acc: RefCell<Option<Raws<'b, F>>>,
     body: RefCell<&'a mut Body<'c, F>>,
 }
 
-impl<F: Real> InplaceOp1 for SlotOp<'_, '_, '_, F> {
+impl<F: Real> InplaceOp1 for SlotOp<'_, '_, '_, '_, F> {
     fn name(&self) -> &'static str {
         "candle-optim-state"
     }
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        let Some(v) = F::cpu_vec_mut(s) else {
-            bail!("candle-optim: state tensor has dtype {:?}", s.dtype())
+        let dtype = s.dtype();
+        let raw = match (self.kind, s) {
+            (Kind::Math, s) => match F::cpu_vec_mut(s) {
+                Some(v) => RawMut::Math(contig_mut(v, l)?),
+                None => bail!("candle-optim: state tensor has dtype {dtype:?}"),
+            },
+            (Kind::Bf16, CpuStorage::BF16(v)) => RawMut::Bf16(contig_mut(v, l)?),
+            (Kind::Codes, CpuStorage::U8(v)) => RawMut::Codes(contig_mut(v, l)?),
+            (Kind::Absmax, CpuStorage::F32(v)) => RawMut::Absmax(contig_mut(v, l)?),
+            (kind, _) => bail!("candle-optim: {kind:?} state tensor has dtype {dtype:?}"),
         };
-        let slice = contig_mut(v, l)?;
         let Some(mut acc) = self.acc.borrow_mut().take() else {
             bail!("candle-optim: state op entered twice")
         };
         if acc.is_full() {
             bail!("candle-optim: too many state slots")
         }
-        acc.push(slice);
+        acc.push(raw);
         let mut body = self.body.borrow_mut();
         with_slots(self.rest, acc, &mut **body)
     }

@@ -12,6 +12,7 @@ use super::Work;
 use crate::algorithm::{Kernel, KernelParams};
 use crate::error::{Error, Result};
 use crate::reduce::{GradStats, ReduceParams};
+use crate::state::StateTensor;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
@@ -326,7 +327,22 @@ pub(crate) fn with_entries<K: Kernel>(
     let mut held: Vec<&Tensor> = Vec::new();
     for w in ws {
         held.push(w.param);
-        held.extend(w.slots.iter());
+        for s in w.slots {
+            match s {
+                StateTensor::Dense(t) if t.dtype() != DType::BF16 => held.push(t),
+                _ => {
+                    return Err(Error::Unsupported(format!(
+                        "{} optimizer state on CUDA is not supported yet",
+                        s.format_name()
+                    )))
+                }
+            }
+        }
+        if w.rounding.is_some() {
+            return Err(Error::Unsupported(
+                "stochastic rounding of parameters on CUDA is not supported yet".into(),
+            ));
+        }
     }
     with_read_ptrs(&grads, stream, |gptrs| {
         with_mut_ptrs(&held, &mut |mptrs| {

@@ -19,6 +19,7 @@ use crate::algorithm::{
 };
 use crate::elem::Elem;
 use crate::error::{Error, Result};
+use crate::state::StateTensor;
 use candle_core::{DType, Device, Shape, Tensor};
 
 impl<K: MatrixRule> Execution<K> for Matrix {
@@ -58,6 +59,7 @@ pub(crate) fn update<K: Kernel>(items: &[Work<'_, K>]) -> Result<()> {
                 slots: w.slots,
                 shape: w.shape,
                 kernel: k,
+                rounding: w.rounding,
             }),
             Some(MatrixPart::Orthogonalized {
                 blend,
@@ -118,35 +120,37 @@ pub(crate) fn update<K: Kernel>(items: &[Work<'_, K>]) -> Result<()> {
 /// Pass 1: updates the momentum buffer in place and returns the Newton–Schulz input U.
 fn blend<K: Kernel>(o: &Orth<'_, K>) -> Result<Tensor> {
     let w = o.w;
-    let [b] = w.slots else {
+    let [StateTensor::Dense(b)] = w.slots else {
         return Err(Error::Unsupported(format!(
-            "a matrix step needs 1 state slot, got {}",
+            "a matrix step needs 1 full-precision state slot, got {}",
             w.slots.len()
         )));
     };
     match w.param.device() {
         Device::Cpu => {
             let u = b.zeros_like()?;
-            let slots = [b.clone(), u.clone()];
+            let slots = [StateTensor::Dense(b.clone()), StateTensor::Dense(u.clone())];
             cpu::update(&Work {
                 param: w.param,
                 grad: w.grad,
                 slots: &slots,
                 shape: w.shape,
                 kernel: o.blend,
+                rounding: None,
             })?;
             Ok(u)
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
             let u = b.zeros_like()?;
-            let slots = [b.clone(), u.clone()];
+            let slots = [StateTensor::Dense(b.clone()), StateTensor::Dense(u.clone())];
             super::cuda::elementwise(&[Work {
                 param: w.param,
                 grad: w.grad,
                 slots: &slots,
                 shape: w.shape,
                 kernel: o.blend,
+                rounding: None,
             }])?;
             Ok(u)
         }
@@ -176,23 +180,29 @@ fn lerp(a: &Tensor, b: &Tensor, w: f64) -> Result<Tensor> {
 /// Pass 2: p ← p·decay − lr_adj·O, in place.
 fn apply_update<K: Kernel>(o: &Orth<'_, K>, out: &Tensor) -> Result<()> {
     let w = o.w;
-    let dt = w.slots.first().map_or(DType::F32, |b| b.dtype());
+    let dt = match w.slots.first() {
+        Some(StateTensor::Dense(b)) => b.dtype(),
+        _ => DType::F32,
+    };
     let out = out.to_dtype(dt)?.contiguous()?;
+    let out_slot = StateTensor::Dense(out.clone());
     match w.param.device() {
         Device::Cpu => cpu::update(&Work {
             param: w.param,
             grad: w.grad,
-            slots: std::slice::from_ref(&out),
+            slots: std::slice::from_ref(&out_slot),
             shape: w.shape,
             kernel: o.update,
+            rounding: None,
         }),
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => super::cuda::elementwise(&[Work {
             param: w.param,
             grad: w.grad,
-            slots: std::slice::from_ref(&out),
+            slots: std::slice::from_ref(&out_slot),
             shape: w.shape,
             kernel: o.update,
+            rounding: None,
         }]),
         _ => {
             let s = &o.scalars;

@@ -13,11 +13,13 @@ mod kernel_abi;
 mod matrix;
 mod rows;
 pub mod simd;
+mod staged;
 
 use crate::algorithm::{ElementWise, Execution, ExecutionKind, Kernel, Slots};
 use crate::elem::Elem;
 use crate::error::{Error, Result};
 use crate::reduce::{GradStats, Reducer};
+use crate::state::StateTensor;
 use candle_core::{Device, Shape, Tensor};
 
 /// One parameter's share of a fused update: the kernel over (param, grad, state slots).
@@ -27,12 +29,14 @@ pub(crate) struct Work<'a, K> {
     pub param: &'a Tensor,
     /// Its gradient (contiguous, same shape, dtype and device, distinct storage).
     pub grad: &'a Tensor,
-    /// Its state tensors, in [`crate::Algorithm::slots`] order.
-    pub slots: &'a [Tensor],
+    /// Its state slots, in [`crate::Algorithm::slots`] order.
+    pub slots: &'a [StateTensor],
     /// The parameter's shape.
     pub shape: &'a Shape,
     /// The step scalars.
     pub kernel: K,
+    /// The stochastic-rounding stream of a bf16 parameter written back stochastically.
+    pub rounding: Option<u64>,
 }
 
 impl<K: Kernel> Execution<K> for ElementWise {

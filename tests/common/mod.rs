@@ -253,8 +253,10 @@ pub fn snapshot(opt: &dyn Optimizer, vars: &[(String, Var)]) -> Vec<Vec<u8>> {
         out.push(bytes(v.as_tensor()));
         if let Some(s) = opt.param_state(name) {
             out.push(s.step.to_le_bytes().to_vec());
-            for (_, t) in &s.slots {
-                out.push(bytes(t));
+            for (_, st) in &s.slots {
+                for t in st.tensors() {
+                    out.push(bytes(t));
+                }
             }
             for (_, x) in &s.scalars {
                 out.push(x.to_le_bytes().to_vec());

@@ -265,6 +265,8 @@ fn check_hyperparameter_keys(algo: Algo, hp: &Value) -> Res<()> {
                     "betas" | "eps" | "momentum" => v.is_null(),
                     "foreach" => v.is_boolean(),
                     "fused" | "print_change_log" => **v == Value::Bool(false),
+                    // The driver's state-format keys (8-bit traces).
+                    "state_format" | "min_8bit_size" => true,
                     _ => false,
                 }
         })
@@ -294,8 +296,13 @@ fn str_field<'a>(v: &'a Value, what: &str) -> Res<&'a str> {
 
 /// The tolerance rule of a trace's family.
 enum Rule {
-    /// `fp32`: per element, `|x − ref| ≤ rtol·(|ref| + S_i)`.
-    Elementwise { rtol: f64, scales: Vec<f64> },
+    /// `fp32` and `blockwise8`: per element, `|x − ref| ≤ rtol·(|ref| + S_i) + slack_i`, where
+    /// the slack grows after a code flip of parameter i (8-bit state only).
+    Elementwise {
+        rtol: f64,
+        scales: Vec<f64>,
+        slack: Vec<f64>,
+    },
     /// `muon`: per tensor and step, `‖x − ref‖_F ≤ ns_rtol·D[i][t−1] + f32_rtol·‖ref‖_F`.
     Muon {
         ns_rtol: f64,
@@ -308,11 +315,16 @@ impl Rule {
     /// The error of parameter `i` after step `t` as a fraction of its tolerance (∞ for NaN).
     fn error(&self, i: usize, t: usize, x: &[f32], r: &[f32]) -> f64 {
         let err = match self {
-            Rule::Elementwise { rtol, scales } => x
+            Rule::Elementwise {
+                rtol,
+                scales,
+                slack,
+            } => x
                 .iter()
                 .zip(r)
                 .map(|(a, b)| {
-                    (*a as f64 - *b as f64).abs() / (rtol * ((*b as f64).abs() + scales[i]))
+                    (*a as f64 - *b as f64).abs()
+                        / (rtol * ((*b as f64).abs() + scales[i]) + slack[i])
                 })
                 .fold(
                     0f64,
@@ -448,9 +460,10 @@ pub fn run_trace(bytes: &[u8], device: &Device) -> Res<(String, Outcome, State)>
         Value::Null => "fp32",
         f => str_field(f, "family")?,
     };
-    let muon = match family {
-        "fp32" => false,
-        "muon" => true,
+    let (muon, q8) = match family {
+        "fp32" => (false, false),
+        "muon" => (true, false),
+        "blockwise8" => (false, true),
         _ => {
             return Ok((
                 name,
@@ -459,7 +472,7 @@ pub fn run_trace(bytes: &[u8], device: &Device) -> Res<(String, Outcome, State)>
             ))
         }
     };
-    let version = if muon { 2 } else { 1 };
+    let version = if muon || q8 { 2 } else { 1 };
     if meta["format_version"].as_u64() != Some(version) {
         return Err(format!(
             "format_version {} of a {family} trace",
@@ -470,14 +483,25 @@ pub fn run_trace(bytes: &[u8], device: &Device) -> Res<(String, Outcome, State)>
     if muon != (opt_name == "muon") {
         return Err(format!("optimizer {opt_name} in a {family} trace").into());
     }
-    let Some(algo) = Algo::from_name(opt_name) else {
+    // bitsandbytes' SGD8bit is torch's SGD with momentum (dampening and nesterov ignored).
+    let algo_name = if opt_name == "sgd_momentum" {
+        "sgd"
+    } else {
+        opt_name
+    };
+    let Some(algo) = Algo::from_name(algo_name) else {
         return Ok((
             name,
             Outcome::Skipped(format!("optimizer {opt_name} is not implemented")),
             Vec::new(),
         ));
     };
-    check_hyperparameter_keys(algo, &meta["hyperparameters"])?;
+    let q8_spec = if q8 { Some(Q8Spec::read(&meta)?) } else { None };
+    let hyper = match &q8_spec {
+        Some(spec) => spec.hyperparameters(&meta["hyperparameters"])?,
+        None => meta["hyperparameters"].clone(),
+    };
+    check_hyperparameter_keys(algo, &hyper)?;
     let steps = usize_field(&meta["steps"], "steps")?;
     if steps == 0 {
         return Err("`steps` is 0".into());
@@ -504,6 +528,7 @@ pub fn run_trace(bytes: &[u8], device: &Device) -> Res<(String, Outcome, State)>
         Rule::Elementwise {
             rtol: f64_field(&tol["rtol"], "tolerance.rtol")?,
             scales,
+            slack: vec![0.0; params.len()],
         }
     };
     let gsnr_rtol = if opt_name == "sgd_sai" {
@@ -590,11 +615,25 @@ pub fn run_trace(bytes: &[u8], device: &Device) -> Res<(String, Outcome, State)>
         if sgd_sai {
             expected.insert(format!("{key}.gsnr"));
         }
+        if let Some(spec) = &q8_spec {
+            if spec.quantized.contains(&key) {
+                for j in 0..spec.slots.len() {
+                    for t in 1..=steps {
+                        expected.insert(format!("{key}.state{j}.codes.{t}"));
+                        expected.insert(format!("{key}.state{j}.absmax.{t}"));
+                    }
+                }
+            }
+        }
         shapes.push(shape);
         vars.push((key, Var::from_tensor(&init.to_device(device)?)?));
     }
     if max_normalized {
         expected.insert("gsnr_max".into());
+    }
+    if q8 {
+        expected.insert("qmap.signed".into());
+        expected.insert("qmap.unsigned".into());
     }
     let present: BTreeSet<String> = tensors.keys().cloned().collect();
     let missing: Vec<_> = expected.difference(&present).collect();
@@ -603,22 +642,46 @@ pub fn run_trace(bytes: &[u8], device: &Device) -> Res<(String, Outcome, State)>
         return Err(format!("tensors missing: {missing:?}; not in the format: {extra:?}").into());
     }
     for (name, t) in &tensors {
+        let mut dtype = candle_core::DType::F32;
+        let blocks;
         let want = if name.starts_with("loss.") {
             continue;
+        } else if name.starts_with("qmap.") {
+            &[256][..]
         } else if name.ends_with(".gsnr") || name == "gsnr_max" {
             &[][..]
         } else {
             let i: usize = name[1..name.find('.').unwrap_or(name.len())].parse()?;
-            shapes[i].as_slice()
+            if name.contains(".codes.") {
+                dtype = candle_core::DType::U8;
+                shapes[i].as_slice()
+            } else if name.contains(".absmax.") {
+                blocks = [shapes[i].iter().product::<usize>().div_ceil(256)];
+                &blocks[..]
+            } else {
+                shapes[i].as_slice()
+            }
         };
-        if t.dims() != want || t.dtype() != candle_core::DType::F32 {
+        if t.dims() != want || t.dtype() != dtype {
             return Err(format!(
-                "{name} is {:?} {:?}, expected {:?} {want:?}",
+                "{name} is {:?} {:?}, expected {dtype:?} {want:?}",
                 t.dtype(),
                 t.dims(),
-                candle_core::DType::F32
             )
             .into());
+        }
+    }
+    if q8 {
+        for (name, signed) in [("qmap.signed", true), ("qmap.unsigned", false)] {
+            let stored = to_vec(get(&tensors, name)?)?;
+            let ours = candle_optim::dynamic_map(signed);
+            if stored
+                .iter()
+                .zip(&ours)
+                .any(|(a, b)| a.to_bits() != b.to_bits())
+            {
+                return Err(format!("{name} differs from this crate's map").into());
+            }
         }
     }
     for (key, _) in &vars {
@@ -635,8 +698,15 @@ pub fn run_trace(bytes: &[u8], device: &Device) -> Res<(String, Outcome, State)>
         }
     }
 
-    let mut opt = algo.build_json(vars.clone(), &meta["hyperparameters"])?;
+    let mut opt = algo.build_json(vars.clone(), &hyper)?;
 
+    let mut rule = rule;
+    // Per parameter: the step of its first code flip, and the parameter before this step.
+    let mut flipped: Vec<bool> = vec![false; vars.len()];
+    let mut prev: Vec<Vec<f32>> = vars
+        .iter()
+        .map(|(key, _)| to_vec(get(&tensors, &format!("{key}.init"))?))
+        .collect::<Res<_>>()?;
     let mut worst = 0f64;
     for t in 1..=steps {
         let mut grads = GradStore::default();
@@ -651,9 +721,43 @@ pub fn run_trace(bytes: &[u8], device: &Device) -> Res<(String, Outcome, State)>
             grads.insert(var.as_tensor(), g);
         }
         opt.step(&grads)?;
+        if let Some(spec) = &q8_spec {
+            for (i, (key, _)) in vars.iter().enumerate() {
+                let state = opt
+                    .param_state(key)
+                    .ok_or(format!("no optimizer state for {key}"))?;
+                let (flips, err) = spec.compare(&state, key, t, &tensors)?;
+                if err > 1.0 {
+                    return Ok((
+                        name,
+                        Outcome::Failed {
+                            step: t,
+                            param: i,
+                            err,
+                            what: "8-bit state".into(),
+                        },
+                        Vec::new(),
+                    ));
+                }
+                worst = worst.max(err);
+                flipped[i] |= flips;
+            }
+        }
         for (i, (key, var)) in vars.iter().enumerate() {
             let x = to_vec(var.as_tensor())?;
             let r = to_vec(get(&tensors, &format!("{key}.step.{t}"))?)?;
+            if let (Rule::Elementwise { slack, .. }, Some(spec)) = (&mut rule, &q8_spec) {
+                // After a code flip, a fraction of a step per flipped step (README, tolerance 3).
+                if flipped[i] {
+                    let mu = r
+                        .iter()
+                        .zip(&prev[i])
+                        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+                        .fold(0f64, f64::max);
+                    slack[i] += spec.flip_slack * mu;
+                }
+                prev[i] = r.clone();
+            }
             // Shapes were checked above; a zip must never compare a prefix.
             if x.len() != r.len() {
                 return Err(
@@ -724,9 +828,231 @@ pub fn run_trace(bytes: &[u8], device: &Device) -> Res<(String, Outcome, State)>
                 .ok_or(format!("no optimizer state for {key}"))?;
             s.slots
                 .iter()
-                .map(|(_, t)| to_vec(t))
+                .map(|(_, t)| to_vec(&t.to_f32()?))
                 .collect::<Res<Vec<_>>>()
         })
         .collect::<Res<State>>()?;
     Ok((name, Outcome::Passed(worst), state))
+}
+
+/// What a `blockwise8` trace says about its 8-bit state (README "Family blockwise8").
+struct Q8Spec {
+    /// Keys of the parameters with 8-bit state.
+    quantized: BTreeSet<String>,
+    /// Per stored slot j: its name and whether it uses the signed map.
+    slots: Vec<(String, bool)>,
+    min_8bit_size: usize,
+    absmax_rtol: f64,
+    code_flip_frac: f64,
+    code_max_level_diff: u32,
+    flip_slack: f64,
+    /// Whether the reference is bitsandbytes itself (its constructor arguments).
+    bnb: bool,
+}
+
+impl Q8Spec {
+    fn read(meta: &Value) -> Res<Self> {
+        let b = &meta["blockwise8"];
+        if meta["state_format"] != "blockwise8" {
+            return Err("a blockwise8 trace without state_format \"blockwise8\"".into());
+        }
+        if usize_field(&b["blocksize"], "blockwise8.blocksize")? != 256 {
+            return Err("blockwise8.blocksize is not 256".into());
+        }
+        let min_8bit_size = usize_field(&b["min_8bit_size"], "blockwise8.min_8bit_size")?;
+        if meta["hyperparameters"]["min_8bit_size"].as_u64() != Some(min_8bit_size as u64) {
+            return Err(
+                "hyperparameters.min_8bit_size differs from blockwise8.min_8bit_size".into(),
+            );
+        }
+        let quantized: BTreeSet<String> = b["quantized_params"]
+            .as_array()
+            .ok_or("no blockwise8.quantized_params")?
+            .iter()
+            .map(|v| str_field(v, "quantized_params[i]").map(str::to_string))
+            .collect::<Res<_>>()?;
+        let mut slots = Vec::new();
+        for (j, s) in b["slots"]
+            .as_array()
+            .ok_or("no blockwise8.slots")?
+            .iter()
+            .enumerate()
+        {
+            if usize_field(&s["state"], "slots[j].state")? != j {
+                return Err("blockwise8.slots are not numbered 0..".into());
+            }
+            let signed = match str_field(&s["map"], "slots[j].map")? {
+                "signed" => true,
+                "unsigned" => false,
+                other => return Err(format!("unknown map {other:?}").into()),
+            };
+            slots.push((str_field(&s["name"], "slots[j].name")?.to_string(), signed));
+        }
+        let bnb = match str_field(&b["reference_kind"], "blockwise8.reference_kind")? {
+            "bitsandbytes" => true,
+            "official_fp32_with_requantization" => false,
+            other => return Err(format!("unknown reference_kind {other:?}").into()),
+        };
+        let tol = &meta["tolerance"];
+        let spec = Q8Spec {
+            quantized,
+            slots,
+            min_8bit_size,
+            absmax_rtol: f64_field(&tol["absmax_rtol"], "tolerance.absmax_rtol")?,
+            code_flip_frac: f64_field(&tol["code_flip_frac"], "tolerance.code_flip_frac")?,
+            code_max_level_diff: usize_field(
+                &tol["code_max_level_diff"],
+                "tolerance.code_max_level_diff",
+            )? as u32,
+            flip_slack: f64_field(&tol["flip_slack"], "tolerance.flip_slack")?,
+            bnb,
+        };
+        if !(spec.absmax_rtol > 0.0 && spec.absmax_rtol < 1e-3)
+            || !(0.0..0.01).contains(&spec.code_flip_frac)
+            || spec.code_max_level_diff > 1
+            || !(0.0..=16.0).contains(&spec.flip_slack)
+        {
+            return Err("8-bit tolerance out of range".into());
+        }
+        // The quantized set must be what the threshold gives.
+        for (i, p) in meta["params"]
+            .as_array()
+            .ok_or("no params")?
+            .iter()
+            .enumerate()
+        {
+            let numel: usize = p["shape"]
+                .as_array()
+                .ok_or("params[i]: no shape")?
+                .iter()
+                .map(|d| usize_field(d, "params[i].shape"))
+                .product::<Res<usize>>()?;
+            if (numel >= min_8bit_size) != spec.quantized.contains(&format!("p{i}")) {
+                return Err(format!(
+                    "p{i} ({numel} elements): quantized_params contradicts min_8bit_size"
+                )
+                .into());
+            }
+        }
+        Ok(spec)
+    }
+
+    /// The hyperparameters for `build_json`: the trace's, with this crate's `state_format`;
+    /// bitsandbytes' arguments that do not change the math (`args` unset, `is_paged` false,
+    /// `optim_bits`: its 8-bit classes are 8-bit whatever it says) dropped.
+    fn hyperparameters(&self, hp: &Value) -> Res<Value> {
+        let mut hp = hp.clone();
+        let o = hp
+            .as_object_mut()
+            .ok_or("`hyperparameters` is not an object")?;
+        if self.bnb {
+            if o.remove("args").is_some_and(|v| !v.is_null()) {
+                return Err("bitsandbytes `args` is set".into());
+            }
+            if o.remove("is_paged")
+                .is_some_and(|v| v != Value::Bool(false))
+            {
+                return Err("bitsandbytes `is_paged` is not false".into());
+            }
+            o.remove("optim_bits");
+        }
+        o.insert("state_format".into(), Value::from("blockwise8"));
+        Ok(hp)
+    }
+
+    /// Compares parameter `key`'s state after step `t` with the trace: whether any code
+    /// differed, and the worst error as a fraction of the tolerance (codes, absmax).
+    fn compare(
+        &self,
+        state: &candle_optim::ParamState,
+        key: &str,
+        t: usize,
+        tensors: &HashMap<String, Tensor>,
+    ) -> Res<(bool, f64)> {
+        use candle_optim::StateTensor;
+        let quantized = self.quantized.contains(key);
+        let ours_q8 = state
+            .slots
+            .iter()
+            .filter(|(_, s)| matches!(s, StateTensor::Blockwise8 { .. }))
+            .count();
+        if !quantized {
+            return if ours_q8 == 0 {
+                Ok((false, 0.0))
+            } else {
+                Err(format!("{key}: 8-bit state where the reference kept float32").into())
+            };
+        }
+        if ours_q8 != state.slots.len() || state.slots.len() != self.slots.len() {
+            return Err(format!(
+                "{key}: {} slots ({ours_q8} 8-bit), the trace stores {} 8-bit slots",
+                state.slots.len(),
+                self.slots.len()
+            )
+            .into());
+        }
+        let (mut flipped, mut worst) = (false, 0f64);
+        for (j, (name, signed)) in self.slots.iter().enumerate() {
+            // q8 traces name the slots as the reference does; bitsandbytes' are state1, state2.
+            let ours = state
+                .slots
+                .iter()
+                .find(|(n, _)| n == name)
+                .or_else(|| state.slots.get(j))
+                .map(|(_, s)| s)
+                .ok_or(format!("{key}: no slot {j}"))?;
+            let StateTensor::Blockwise8 {
+                codes,
+                absmax,
+                signed: our_signed,
+            } = ours
+            else {
+                return Err(format!("{key}: slot {j} is not 8-bit").into());
+            };
+            if our_signed != signed {
+                return Err(format!("{key}: slot {j} ({name}) uses the other map").into());
+            }
+            let c = codes.flatten_all()?.to_vec1::<u8>()?;
+            let rc = get(tensors, &format!("{key}.state{j}.codes.{t}"))?
+                .flatten_all()?
+                .to_vec1::<u8>()?;
+            if c.len() != rc.len() {
+                return Err(format!("{key}: {} codes, the trace {}", c.len(), rc.len()).into());
+            }
+            let mut differ = 0usize;
+            for (a, b) in c.iter().zip(&rc) {
+                if a != b {
+                    differ += 1;
+                    if (*a as i32 - *b as i32).unsigned_abs() > self.code_max_level_diff {
+                        return Ok((true, f64::INFINITY));
+                    }
+                }
+            }
+            flipped |= differ > 0;
+            let frac = differ as f64 / c.len().max(1) as f64;
+            if differ > 0 {
+                worst = worst.max(frac / self.code_flip_frac);
+            }
+            let a = absmax.to_vec1::<f32>()?;
+            let ra = to_vec(get(tensors, &format!("{key}.state{j}.absmax.{t}"))?)?;
+            if a.len() != ra.len() {
+                return Err(
+                    format!("{key}: {} absmax values, the trace {}", a.len(), ra.len()).into(),
+                );
+            }
+            for (x, r) in a.iter().zip(&ra) {
+                let err = if *r == 0.0 {
+                    if *x == 0.0 {
+                        0.0
+                    } else {
+                        f64::INFINITY
+                    }
+                } else {
+                    (*x as f64 - *r as f64).abs() / (self.absmax_rtol * *r as f64)
+                };
+                worst = worst.max(if err.is_nan() { f64::INFINITY } else { err });
+            }
+        }
+        Ok((flipped, worst))
+    }
 }

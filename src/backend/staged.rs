@@ -1,0 +1,265 @@
+//! The CPU update for state that is not kept in the compute type (bf16 or 8-bit blockwise
+//! slots) and for bf16 parameters written back with stochastic rounding.
+//!
+//! Element-wise kernels run in one fused pass per block of [`BLOCK`] elements: decode each slot
+//! into a buffer on the stack, run the algorithm's own [`Kernel::apply`] on it, encode it
+//! again (a new absmax and codes for 8-bit slots). The block never leaves L1. Other strategies
+//! (AdamP's row passes) decode the whole tensor into scratch, run their full-precision update,
+//! and encode it: the same values, in more passes.
+
+use super::cpu::leaf_len;
+use super::simd;
+use crate::algorithm::{Execution, ExecutionKind, Kernel, Slots, MAX_SLOTS};
+use crate::elem::{Elem, Real};
+use crate::state::{random_bits, Quantizer, BLOCK};
+use arrayvec::ArrayVec;
+use candle_core::Shape;
+use half::bf16;
+
+/// One state slot's storage, borrowed for an update.
+pub(crate) enum Codec<'a, F> {
+    /// Values in the compute type.
+    Full(&'a mut [F]),
+    /// bf16 values (rounded to nearest-even when written).
+    Bf16(&'a mut [bf16]),
+    /// 8-bit codes with an absmax per [`BLOCK`] elements.
+    Q8 {
+        codes: &'a mut [u8],
+        absmax: &'a mut [f32],
+        q: &'static Quantizer,
+    },
+}
+
+impl<'a, F: Real> Codec<'a, F> {
+    /// Elements held.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Codec::Full(v) => v.len(),
+            Codec::Bf16(v) => v.len(),
+            Codec::Q8 { codes, .. } => codes.len(),
+        }
+    }
+
+    /// Splits at element `mid`, a multiple of [`BLOCK`] (or the end).
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        match self {
+            Codec::Full(v) => {
+                let (a, b) = v.split_at_mut(mid);
+                (Codec::Full(a), Codec::Full(b))
+            }
+            Codec::Bf16(v) => {
+                let (a, b) = v.split_at_mut(mid);
+                (Codec::Bf16(a), Codec::Bf16(b))
+            }
+            Codec::Q8 { codes, absmax, q } => {
+                let (ca, cb) = codes.split_at_mut(mid);
+                let (aa, ab) = absmax.split_at_mut(mid.div_ceil(BLOCK).min(absmax.len()));
+                (
+                    Codec::Q8 {
+                        codes: ca,
+                        absmax: aa,
+                        q,
+                    },
+                    Codec::Q8 {
+                        codes: cb,
+                        absmax: ab,
+                        q,
+                    },
+                )
+            }
+        }
+    }
+
+    /// Writes elements `[at, at + out.len())` into `out` (the range lies in one block).
+    #[inline(always)]
+    fn decode(&self, at: usize, out: &mut [F]) {
+        let n = out.len();
+        match self {
+            Codec::Full(v) => out.copy_from_slice(&v[at..at + n]),
+            Codec::Bf16(v) => {
+                for (o, x) in out.iter_mut().zip(&v[at..at + n]) {
+                    *o = F::of(x.to_f32() as f64);
+                }
+            }
+            Codec::Q8 { codes, absmax, q } => q.decode(&codes[at..at + n], absmax[at / BLOCK], out),
+        }
+    }
+
+    /// Stores `x` as elements `[at, at + x.len())`, a whole block (or the tensor's last part).
+    #[inline(always)]
+    fn encode(&mut self, at: usize, x: &[F]) {
+        let n = x.len();
+        match self {
+            Codec::Full(v) => v[at..at + n].copy_from_slice(x),
+            Codec::Bf16(v) => {
+                for (o, x) in v[at..at + n].iter_mut().zip(x) {
+                    *o = bf16::from_f32(x.f64() as f32);
+                }
+            }
+            Codec::Q8 { codes, absmax, q } => {
+                absmax[at / BLOCK] = q.encode(x, &mut codes[at..at + n]);
+            }
+        }
+    }
+}
+
+/// Updates one tensor whose slots are `codecs` (each the parameter's length). `rounding`: the
+/// stochastic-rounding stream of a bf16 parameter.
+pub(crate) fn update<K: Kernel, P: Elem>(
+    k: &K,
+    p: &mut [P],
+    g: &[P],
+    codecs: ArrayVec<Codec<'_, P::Math>, MAX_SLOTS>,
+    shape: &Shape,
+    rounding: Option<u64>,
+) {
+    let elementwise = <K::Execution as Execution<K>>::KIND == ExecutionKind::ElementWise;
+    if elementwise {
+        let leaf = leaf_len(p.len()).max(BLOCK);
+        blocks_rec(k, p, g, codecs, rounding, 0, leaf);
+    } else {
+        whole(k, p, g, codecs, shape, rounding);
+    }
+}
+
+fn blocks_rec<K: Kernel, P: Elem>(
+    k: &K,
+    p: &mut [P],
+    g: &[P],
+    codecs: ArrayVec<Codec<'_, P::Math>, MAX_SLOTS>,
+    rounding: Option<u64>,
+    offset: usize,
+    leaf: usize,
+) {
+    if p.len() <= leaf {
+        let mut codecs = codecs;
+        simd::run(Blocks {
+            k,
+            p,
+            g,
+            codecs: &mut codecs,
+            rounding,
+            offset,
+        });
+        return;
+    }
+    let mid = (p.len() / 2).div_ceil(BLOCK) * BLOCK;
+    let (pl, pr) = p.split_at_mut(mid);
+    let (gl, gr) = g.split_at(mid);
+    let mut left = ArrayVec::new();
+    let mut right = ArrayVec::new();
+    for c in codecs {
+        let (a, b) = c.split_at(mid);
+        left.push(a);
+        right.push(b);
+    }
+    rayon::join(
+        || blocks_rec(k, pl, gl, left, rounding, offset, leaf),
+        || blocks_rec(k, pr, gr, right, rounding, offset + mid, leaf),
+    );
+}
+
+/// The fused block loop over one run of whole blocks, compiled per SIMD level.
+struct Blocks<'a, 'b, K, P: Elem> {
+    k: &'a K,
+    p: &'a mut [P],
+    g: &'a [P],
+    codecs: &'a mut ArrayVec<Codec<'b, P::Math>, MAX_SLOTS>,
+    rounding: Option<u64>,
+    /// Index of `p[0]` in the whole tensor (the stochastic-rounding counter).
+    offset: usize,
+}
+
+impl<K: Kernel, P: Elem> simd::Task for Blocks<'_, '_, K, P> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        let Blocks {
+            k,
+            p,
+            g,
+            codecs,
+            rounding,
+            offset,
+        } = self;
+        let z = <P::Math as Real>::ZERO;
+        let mut bufs = [[z; BLOCK]; MAX_SLOTS];
+        let mut pbuf = [z; BLOCK];
+        let mut gbuf = [z; BLOCK];
+        let n = p.len();
+        let mut at = 0;
+        while at < n {
+            let len = BLOCK.min(n - at);
+            let mut views: Slots<'_, P::Math> = ArrayVec::new();
+            for (c, buf) in codecs.iter().zip(bufs.iter_mut()) {
+                let buf = &mut buf[..len];
+                c.decode(at, buf);
+                views.push(buf);
+            }
+            match rounding {
+                None => k.apply(&mut p[at..at + len], &g[at..at + len], &mut views),
+                Some(key) => {
+                    let (pb, gb) = (&mut pbuf[..len], &mut gbuf[..len]);
+                    for i in 0..len {
+                        pb[i] = p[at + i].load();
+                        gb[i] = g[at + i].load();
+                    }
+                    k.apply::<P::Math>(pb, gb, &mut views);
+                    for i in 0..len {
+                        let r = random_bits(key, (offset + at + i) as u64);
+                        p[at + i] = P::store_stochastic(pb[i], r);
+                    }
+                }
+            }
+            drop(views);
+            for (c, buf) in codecs.iter_mut().zip(bufs.iter()) {
+                c.encode(at, &buf[..len]);
+            }
+            at += len;
+        }
+    }
+}
+
+/// Strategies that need whole tensors: decode every slot (and a stochastically rounded
+/// parameter) into scratch, run the full-precision update, encode.
+fn whole<K: Kernel, P: Elem>(
+    k: &K,
+    p: &mut [P],
+    g: &[P],
+    codecs: ArrayVec<Codec<'_, P::Math>, MAX_SLOTS>,
+    shape: &Shape,
+    rounding: Option<u64>,
+) {
+    let n = p.len();
+    let z = <P::Math as Real>::ZERO;
+    let mut codecs = codecs;
+    let mut scratch: Vec<Vec<P::Math>> = Vec::with_capacity(codecs.len());
+    for c in codecs.iter() {
+        let mut buf = vec![z; n];
+        for (at, b) in (0..n).step_by(BLOCK).zip(buf.chunks_mut(BLOCK)) {
+            c.decode(at, b);
+        }
+        scratch.push(buf);
+    }
+    {
+        let slots: Slots<'_, P::Math> = scratch.iter_mut().map(|v| v.as_mut_slice()).collect();
+        match rounding {
+            None => <K::Execution as Execution<K>>::update_cpu(k, p, g, slots, shape),
+            Some(key) => {
+                let mut pb: Vec<P::Math> = p.iter().map(|x| x.load()).collect();
+                let gb: Vec<P::Math> = g.iter().map(|x| x.load()).collect();
+                <K::Execution as Execution<K>>::update_cpu::<P::Math>(
+                    k, &mut pb, &gb, slots, shape,
+                );
+                for (i, (dst, x)) in p.iter_mut().zip(&pb).enumerate() {
+                    *dst = P::store_stochastic(*x, random_bits(key, i as u64));
+                }
+            }
+        }
+    }
+    for (c, buf) in codecs.iter_mut().zip(&scratch) {
+        for (at, b) in (0..n).step_by(BLOCK).zip(buf.chunks(BLOCK)) {
+            c.encode(at, b);
+        }
+    }
+}
