@@ -67,6 +67,11 @@ struct Args {
     /// Leave out candle-nn's AdamW (slow: seconds per step on GPT-2 small).
     #[arg(long)]
     skip_candle_nn: bool,
+    /// State formats to step each optimizer with: f32 (rows `<algo>_fused`), blockwise8
+    /// (`<algo>_blockwise8`, bitsandbytes' default min_8bit_size 4096) and bf16
+    /// (`<algo>_bf16`). Muon runs f32 only.
+    #[arg(long, default_value = "f32,blockwise8,bf16", value_delimiter = ',')]
+    formats: Vec<String>,
     /// Also run this same binary as a second process (`--serve`) stepping our optimizers: a
     /// control of the comparison with the peers, which should read 1.0x.
     #[arg(long)]
@@ -322,6 +327,7 @@ impl Ours {
         algos: &[Algo],
         skip_step_row: bool,
         candle_nn: bool,
+        formats: &[String],
     ) -> BoxResult<Self> {
         let dev = Device::Cpu;
         let mut grads = GradStore::default();
@@ -342,6 +348,21 @@ impl Ours {
             .map(|(_, s)| (s.clone(), DType::F32))
             .collect();
         for &algo in algos {
+            for format in formats {
+                if format == "f32" || algo == Algo::Muon {
+                    continue;
+                }
+                let mut hyper = hyper.clone();
+                hyper["state_format"] = format.as_str().into();
+                let b = algo.step_traffic_bytes(&hyper, &dims)?;
+                let mut opt = common::build_named(algo, vars.clone(), &hyper, false)?;
+                opt.set_non_finite_policy(NonFinitePolicy::Propagate);
+                opts.push((format!("{}_{format}", algo.name()), opt));
+                bytes.push(b);
+            }
+            if !formats.iter().any(|f| f == "f32") {
+                continue;
+            }
             let b = algo.step_traffic_bytes(&hyper, &dims)?;
             let mut opt = common::build_named(algo, vars.clone(), &hyper, false)?;
             opt.set_non_finite_policy(NonFinitePolicy::Propagate);
@@ -413,7 +434,7 @@ fn measure(
 ) -> BoxResult<Vec<Row>> {
     let threads = pool.current_num_threads();
     let n = numel(shapes);
-    let new_ours = || Ours::new(shapes, algos, true, !args.skip_candle_nn);
+    let new_ours = || Ours::new(shapes, algos, true, !args.skip_candle_nn, &args.formats);
     let start_peers = || -> Vec<Peer> {
         let mut peers = Vec::new();
         if let Some(py) = &args.torch {
@@ -601,7 +622,7 @@ fn serve(args: &Args, algos: &[Algo]) -> BoxResult<()> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    let mut ours = Ours::new(&shapes_of(set)?, algos, false, false)?;
+    let mut ours = Ours::new(&shapes_of(set)?, algos, false, false, &["f32".to_string()])?;
     let names: Vec<String> = ours
         .opts
         .iter()

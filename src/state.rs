@@ -367,7 +367,7 @@ pub(crate) struct Quantizer {
     /// The map, ascending.
     pub map: [f32; 256],
     /// Grid index → code.
-    pub lut: Box<[u8]>,
+    pub lut: Box<[u8; GRID]>,
 }
 
 impl Quantizer {
@@ -375,7 +375,7 @@ impl Quantizer {
         let map = dynamic_map(signed);
         // mid_k = fl(0.5·fl(map[k] + map[k+1])); LUT[j] = #{k : mid_k < v_j}, v_j on the grid.
         let mids: Vec<f32> = map.windows(2).map(|w| 0.5f32 * (w[0] + w[1])).collect();
-        let mut lut = vec![0u8; GRID].into_boxed_slice();
+        let mut lut = Box::new([0u8; GRID]);
         let mut k = 0usize;
         for (j, code) in lut.iter_mut().enumerate() {
             let v = -1.0f32 + (2.0f32 * j as f32) / 65535.0f32;
@@ -397,26 +397,70 @@ impl Quantizer {
         }
     }
 
-    /// Quantizes one block: returns its absmax (`max |x|`, f32) and writes the codes. An
-    /// all-zero block codes to index 0.
+    /// Quantizes one block (at most [`BLOCK`] elements): returns its absmax (`max |x|`, f32)
+    /// and writes the codes. An all-zero block codes to index 0.
     #[inline(always)]
     pub fn encode<F: crate::elem::Real>(&self, x: &[F], codes: &mut [u8]) -> f32 {
-        let n = x.len().min(codes.len());
+        let n = x.len().min(codes.len()).min(BLOCK);
         let (x, codes) = (&x[..n], &mut codes[..n]);
-        let mut absmax = 0f32;
-        for v in x {
-            absmax = absmax.max((v.f64() as f32).abs());
+        let mut xf = [0f32; BLOCK];
+        let xf = &mut xf[..n];
+        for i in 0..n {
+            xf[i] = x[i].f64() as f32;
         }
+        // max |x| in 16 independent lanes (max is exact, so the order does not matter); the
+        // comparison form skips NaN, as f32::max does.
+        const LANES: usize = 16;
+        let mut acc = [0f32; LANES];
+        let whole = n / LANES * LANES;
+        for c in xf[..whole].chunks_exact(LANES) {
+            for l in 0..LANES {
+                let a = c[l].abs();
+                acc[l] = if a > acc[l] { a } else { acc[l] };
+            }
+        }
+        for (l, v) in xf[whole..].iter().enumerate() {
+            let a = v.abs();
+            acc[l] = if a > acc[l] { a } else { acc[l] };
+        }
+        let absmax = acc.iter().fold(0f32, |m, &a| if a > m { a } else { m });
         if absmax == 0.0 {
             codes.fill(0);
             return absmax;
         }
         let inv = 1.0f32 / absmax;
+        let mut grid = [0u16; BLOCK];
+        let grid = &mut grid[..n];
         for i in 0..n {
-            let y = ((x[i].f64() as f32) * inv).clamp(-1.0, 1.0);
-            // trunc(fl(fl(fl(y + 1)·0.5)·65535) + 0.5); `as` saturates (NaN → 0).
-            let j = ((y + 1.0) * 0.5 * 65535.0 + 0.5) as u32;
-            codes[i] = self.lut[(j as usize).min(GRID - 1)];
+            let y = (xf[i] * inv).clamp(-1.0, 1.0);
+            // trunc(fl(fl(fl(y + 1)·0.5)·65535) + 0.5), in [0, 65535] for every finite y; a
+            // NaN (from a non-finite state under NonFinitePolicy::Propagate) goes to 0.
+            let t = (y + 1.0) * 0.5 * 65535.0 + 0.5;
+            let t = if t >= 0.0 { t } else { 0.0 };
+            // trunc(t) for t in [0, 65535.5]: floor(t) + 2^23 is exact, and its low mantissa
+            // bits are floor(t) (a float-to-int `as` would not vectorize).
+            let j = (t.floor() + 8_388_608.0).to_bits() - 0x4B00_0000;
+            grid[i] = j.min(GRID as u32 - 1) as u16;
+        }
+        // Scalar lookups, four per word: LLVM's emulated byte gathers are slower.
+        let whole = n / 4 * 4;
+        for (c, g) in codes[..whole]
+            .chunks_exact_mut(4)
+            .zip(grid[..whole].chunks_exact(4))
+        {
+            let w = u64::from(g[0])
+                | u64::from(g[1]) << 16
+                | u64::from(g[2]) << 32
+                | u64::from(g[3]) << 48;
+            let lut = &self.lut;
+            let out = u32::from(lut[(w & 0xFFFF) as usize])
+                | u32::from(lut[(w >> 16 & 0xFFFF) as usize]) << 8
+                | u32::from(lut[(w >> 32 & 0xFFFF) as usize]) << 16
+                | u32::from(lut[(w >> 48) as usize]) << 24;
+            c.copy_from_slice(&out.to_le_bytes());
+        }
+        for i in whole..n {
+            codes[i] = self.lut[grid[i] as usize];
         }
         absmax
     }
