@@ -390,12 +390,9 @@ fn large_launch_check(dev: &Device) -> (bool, String) {
                     ok = false;
                 }
                 let mut pairs = vec![(vc.as_tensor().clone(), vg.as_tensor().clone())];
-                pairs.extend(
-                    sc.slots
-                        .iter()
-                        .zip(&sg.slots)
-                        .map(|(a, b)| (a.1.clone(), b.1.clone())),
-                );
+                for (a, b) in sc.slots.iter().zip(&sg.slots) {
+                    pairs.push((a.1.to_f32()?, b.1.to_f32()?));
+                }
                 for (c, g) in pairs {
                     let c = c.flatten_all()?.to_vec1::<f32>()?;
                     let g = g.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;

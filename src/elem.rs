@@ -271,6 +271,18 @@ mod tests {
     }
 
     #[test]
+    fn stochastic_rounding_is_exactly_unbiased_over_its_random_bits() {
+        // Over all 2^16 values of the random bits, the mean of the rounded values is the value
+        // itself, exactly (f64 sums of bf16 values are exact here).
+        for x in [1.0f32 + 3.0 * f32::EPSILON, -0.3337, 1e-20, 6.5e4, 0.999] {
+            let sum: f64 = (0..1u32 << 16)
+                .map(|r| bf16_stochastic(x, r).to_f32() as f64)
+                .sum();
+            assert_eq!(sum / 65536.0, x as f64, "{x}");
+        }
+    }
+
+    #[test]
     fn stochastic_rounding_brackets_the_value() {
         let x = 1.0f32 + 3.0 * f32::EPSILON;
         let lo = bf16::from_bits((x.to_bits() >> 16) as u16);

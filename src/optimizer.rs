@@ -47,7 +47,7 @@ pub trait Optimizer: Send {
     fn step_scaled(&mut self, grads: &GradStore, scale: f64) -> Result<StepReport>;
     /// Sets (or with `None` removes) the learning-rate schedule.
     fn set_schedule(&mut self, schedule: Option<Schedule>) -> Result<()>;
-    /// State bytes per group and dtype.
+    /// State bytes per group and storage format.
     fn memory_report(&self) -> Vec<GroupMemory>;
     /// The whole optimizer state as a safetensors checkpoint (see [`crate::checkpoint`]).
     fn save_bytes(&self) -> Result<Vec<u8>>;
@@ -55,6 +55,9 @@ pub trait Optimizer: Send {
     /// optimizer with the same algorithm, groups and parameter names. On any error the
     /// optimizer is left exactly as it was.
     fn load_bytes(&mut self, bytes: &[u8]) -> Result<()>;
+    /// Like [`load_bytes`](Self::load_bytes), converting state stored in another format than
+    /// this optimizer's ([`crate::StateFormat`]) instead of failing.
+    fn load_bytes_converting(&mut self, bytes: &[u8]) -> Result<()>;
     /// Writes [`save_bytes`](Self::save_bytes) to `path` (atomically: a temporary file renamed).
     fn save(&self, path: &std::path::Path) -> Result<()> {
         write_atomic(path, &self.save_bytes()?)
@@ -114,6 +117,9 @@ impl<A: Algorithm> Optimizer for Optim<A> {
     }
     fn load_bytes(&mut self, bytes: &[u8]) -> Result<()> {
         Optim::load_bytes(self, bytes)
+    }
+    fn load_bytes_converting(&mut self, bytes: &[u8]) -> Result<()> {
+        Optim::load_bytes_converting(self, bytes)
     }
 }
 

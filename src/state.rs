@@ -239,6 +239,24 @@ impl StateTensor {
         }
     }
 
+    /// `values` (any float dtype and device, the parameter's shape) quantized as 8-bit
+    /// blockwise state with the signed or unsigned map, exactly as the optimizers store it.
+    pub fn quantize_blockwise8(values: &Tensor, signed: bool) -> Result<Self> {
+        let cpu = values.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        match Self::encode(&cpu, SlotFormat::Blockwise8, signed)? {
+            StateTensor::Blockwise8 {
+                codes,
+                absmax,
+                signed,
+            } => Ok(StateTensor::Blockwise8 {
+                codes: codes.to_device(values.device())?,
+                absmax: absmax.to_device(values.device())?,
+                signed,
+            }),
+            dense => Ok(dense),
+        }
+    }
+
     /// `values` (f32 or f64, on the CPU) stored in `format` (8-bit: quantized with the signed
     /// or unsigned map).
     pub(crate) fn encode(values: &Tensor, format: SlotFormat, signed: bool) -> Result<Self> {
