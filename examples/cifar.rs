@@ -103,6 +103,10 @@ struct Args {
     /// Continue training from a checkpoint written by --save (same settings; --steps may grow).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// How the optimizer keeps its state: f32, bf16 or blockwise8 (8-bit blockwise, as
+    /// bitsandbytes; tensors under 4096 elements keep f32 state).
+    #[arg(long, default_value = "f32")]
+    state_format: String,
     /// Where --compare writes compare.md and compare.png.
     #[arg(long, default_value = "target/compare/cifar")]
     out: PathBuf,
@@ -513,7 +517,7 @@ fn run_one(
 ) -> Result<train::Outcome> {
     let (mut varmap, net) = build(args.model, width(args), args.seed, dev)?;
     let lr = args.lr.unwrap_or_else(|| default_lr(args.model, algo));
-    let mut opt = common::make_optimizer(algo, &varmap, lr, args.weight_decay)?;
+    let mut opt = common::make_optimizer_with(algo, &varmap, lr, args.weight_decay, &args.state_format)?;
     let test = match args.eval_size {
         Some(n) => data.test.head(n),
         None => data.test.clone(),
@@ -545,6 +549,7 @@ fn run_one(
             "seed": args.seed,
             "augment": args.augment,
             "lr": lr,
+            "state_format": args.state_format,
             "weight_decay": args.weight_decay,
         }),
     };
@@ -637,6 +642,11 @@ fn run(args: Args) -> Result<()> {
                 args.batch,
                 args.seed
             );
+            let title = if args.state_format == "f32" {
+                title
+            } else {
+                format!("{title}, {} optimizer state", args.state_format)
+            };
             train::report(&args.out, &title, &outcomes, true)?;
         }
     }

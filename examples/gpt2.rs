@@ -134,6 +134,10 @@ struct Args {
     /// Continue training from a checkpoint written by --save (same settings; --steps may grow).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// How the optimizer keeps its state: f32, bf16 or blockwise8 (8-bit blockwise, as
+    /// bitsandbytes; tensors under 4096 elements keep f32 state).
+    #[arg(long, default_value = "f32")]
+    state_format: String,
     /// Where --compare writes compare.md and compare.png.
     #[arg(long, default_value = "target/compare/gpt2")]
     out: PathBuf,
@@ -328,7 +332,7 @@ fn run_one<'a>(
 ) -> Result<(train::Outcome, LmTask<'a>)> {
     let (mut varmap, model) = build(setup.cfg, args.seed, dev)?;
     let lr = args.lr.unwrap_or_else(|| default_lr(algo, args.preset));
-    let mut opt = common::make_optimizer(algo, &varmap, lr, args.weight_decay)?;
+    let mut opt = common::make_optimizer_with(algo, &varmap, lr, args.weight_decay, &args.state_format)?;
     opt.set_max_grad_norm(Some(1.0))?;
     let mut task = LmTask {
         model,
@@ -357,6 +361,7 @@ fn run_one<'a>(
             "batch": setup.batch,
             "seed": args.seed,
             "lr": lr,
+            "state_format": args.state_format,
             "weight_decay": args.weight_decay,
         }),
     };
@@ -501,6 +506,11 @@ fn run(args: Args) -> Result<()> {
                 setup.ctx,
                 args.seed
             );
+            let title = if args.state_format == "f32" {
+                title
+            } else {
+                format!("{title}, {} optimizer state", args.state_format)
+            };
             train::report(&args.out, &title, &outcomes, false)?;
         }
     }

@@ -140,13 +140,29 @@ pub fn make_optimizer(
     lr: f64,
     wd: f64,
 ) -> candle_optim::Result<Box<dyn Optimizer>> {
+    make_optimizer_with(algo, varmap, lr, wd, "f32")
+}
+
+/// [`make_optimizer`] with the optimizer state kept in `state_format` (`f32`, `bf16` or
+/// `blockwise8`, see `candle_optim::StateFormat`).
+pub fn make_optimizer_with(
+    algo: Algo,
+    varmap: &VarMap,
+    lr: f64,
+    wd: f64,
+    state_format: &str,
+) -> candle_optim::Result<Box<dyn Optimizer>> {
     let mut vars: Vec<_> = {
         let data = varmap.data().lock().expect("varmap lock");
         data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     };
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let wd = wd * weight_decay_factor(algo);
-    build_named(algo, vars, &json!({"lr": lr, "weight_decay": wd}), true)
+    let mut hyper = json!({"lr": lr, "weight_decay": wd});
+    if state_format != "f32" {
+        hyper["state_format"] = state_format.into();
+    }
+    build_named(algo, vars, &hyper, true)
 }
 
 /// Builds `algo` over named variables from JSON hyperparameters (`Algo::build_with`), in the
