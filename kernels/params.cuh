@@ -167,6 +167,26 @@ static_assert(offsetof(MuonParams, pass) == 40, "MuonParams.pass");
 static_assert(offsetof(MuonParams, nesterov) == 44, "MuonParams.nesterov");
 static_assert(sizeof(MuonParams) <= CO_PARAM_BYTES, "MuonParams: fits TensorEntry's parameter area");
 
+// src/algorithms/sgd.rs (crate::algorithms::sgd)
+struct SgdParams {
+  double lr;
+  double momentum;
+  double one_minus_dampening;
+  double weight_decay;
+  double grad_scale;
+  unsigned int first;
+  unsigned int nesterov;
+};
+static_assert(sizeof(SgdParams) == 48, "SgdParams: layout shared with src/algorithms/sgd.rs");
+static_assert(offsetof(SgdParams, lr) == 0, "SgdParams.lr");
+static_assert(offsetof(SgdParams, momentum) == 8, "SgdParams.momentum");
+static_assert(offsetof(SgdParams, one_minus_dampening) == 16, "SgdParams.one_minus_dampening");
+static_assert(offsetof(SgdParams, weight_decay) == 24, "SgdParams.weight_decay");
+static_assert(offsetof(SgdParams, grad_scale) == 32, "SgdParams.grad_scale");
+static_assert(offsetof(SgdParams, first) == 40, "SgdParams.first");
+static_assert(offsetof(SgdParams, nesterov) == 44, "SgdParams.nesterov");
+static_assert(sizeof(SgdParams) <= CO_PARAM_BYTES, "SgdParams: fits TensorEntry's parameter area");
+
 // src/algorithms/sgd_sai.rs (crate::algorithms::sgd_sai)
 struct SgdSaiParams {
   double decay;

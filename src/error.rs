@@ -176,6 +176,15 @@ pub(crate) fn check_nonneg(name: &'static str, value: f64) -> Result<()> {
     check_range(name, value, 0.0, f64::INFINITY)
 }
 
+/// Checks that `value` is finite (neither infinite nor NaN).
+pub(crate) fn check_finite(name: &'static str, value: f64) -> Result<()> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::hyper(name, value, "must be finite"))
+    }
+}
+
 /// Checks (β1, β2) ∈ [0, 1)².
 pub(crate) fn check_betas(b: (f64, f64)) -> Result<()> {
     check_range("betas[0]", b.0, 0.0, 1.0)?;

@@ -1,7 +1,7 @@
 //! # candle-optim
 //!
 //! Fast, exact deep-learning optimizers for [candle](https://github.com/huggingface/candle):
-//! SGD-SaI, AdamW, AdamP, AdaBelief, diffGrad, Adan and Lion, each exactly as its authors' code defines it, each step one
+//! SGD-SaI, AdamW, AdamP, AdaBelief, diffGrad, Adan, Lion, Muon and SGD with momentum, each exactly as its authors' code defines it, each step one
 //! fused, multi-threaded pass over parameters, gradients and state.
 //!
 //! ```
@@ -21,7 +21,8 @@
 //! ```
 //!
 //! Every optimizer is the shared driver [`Optim`] around one [`Algorithm`]; the aliases
-//! ([`SgdSai`], [`AdamW`], [`AdamP`], [`AdaBelief`], [`DiffGrad`], [`Adan`], [`Lion`]) name
+//! ([`SgdSai`], [`AdamW`], [`AdamP`], [`AdaBelief`], [`DiffGrad`], [`Adan`], [`Lion`], [`Muon`],
+//! [`Sgd`]) name
 //! them. They implement this crate's [`Optimizer`] trait and
 //! `candle_nn::optim::Optimizer`, so code written for candle-nn's AdamW switches with one line.
 

@@ -35,6 +35,8 @@ macro_rules! algorithm_table {
                 "Lion: sign of an interpolated momentum, decoupled decay.";
             Muon: muon::MuonConfig as Muon,
                 "Muon: Newton–Schulz-orthogonalized momentum for matrices, as `torch.optim.Muon`, with an auxiliary AdamW for the other parameters.";
+            Sgd: sgd::SgdConfig as Sgd,
+                "SGD with momentum (dampening, Nesterov, coupled weight decay, maximize), as `torch.optim.SGD`.";
         }
     };
 }

@@ -2,7 +2,8 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
-use candle_optim::{GsnrMode, Lion, LionConfig, SgdSai, SgdSaiConfig};
+use candle_optim::{Algo, Error, GsnrMode, Lion, LionConfig, Sgd, SgdConfig, SgdSai, SgdSaiConfig};
+use serde_json::json;
 
 fn var(vals: &[f32]) -> Var {
     Var::from_tensor(&Tensor::new(vals, &Device::Cpu).unwrap()).unwrap()
@@ -130,4 +131,213 @@ fn lion_sign_of_zero_is_zero() {
     assert_eq!(now[0], got[0] * 0.95);
     assert!((now[1] - (got[1] * 0.95 - 0.1)).abs() < 1e-6);
     assert!((now[2] - (got[2] * 0.95 + 0.1)).abs() < 1e-6);
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn uniform(seed: u64, n: usize) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// One parameter of the f64 reference of `torch.optim.SGD` (`_single_tensor_sgd`).
+struct SgdRef {
+    p: Vec<f64>,
+    /// `None` until the parameter's first update, as torch's `momentum_buffer`.
+    buf: Option<Vec<f64>>,
+}
+
+impl SgdRef {
+    fn step(&mut self, h: &SgdConfig, grad: &[f32]) {
+        let (mu, damp, wd) = (h.momentum, h.dampening, h.weight_decay);
+        let mut g: Vec<f64> = grad
+            .iter()
+            .map(|&x| if h.maximize { -(x as f64) } else { x as f64 })
+            .collect();
+        if wd != 0.0 {
+            for (gi, pi) in g.iter_mut().zip(&self.p) {
+                *gi += wd * pi;
+            }
+        }
+        if mu != 0.0 {
+            let buf = match self.buf.take() {
+                None => g.clone(),
+                Some(mut b) => {
+                    for (bi, gi) in b.iter_mut().zip(&g) {
+                        *bi = mu * *bi + (1.0 - damp) * gi;
+                    }
+                    b
+                }
+            };
+            for (gi, bi) in g.iter_mut().zip(&buf) {
+                *gi = if h.nesterov { *gi + mu * bi } else { *bi };
+            }
+            self.buf = Some(buf);
+        }
+        for (pi, gi) in self.p.iter_mut().zip(&g) {
+            *pi -= h.lr * gi;
+        }
+    }
+}
+
+/// `|x − ref| ≤ 1e-6·(|ref| + scale)` for every element, `scale` the tensor's magnitude.
+fn assert_close(what: &str, got: &[f32], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    for (i, (&x, &r)) in got.iter().zip(want).enumerate() {
+        let err = (x as f64 - r).abs();
+        assert!(
+            err <= 1e-6 * (r.abs() + scale),
+            "{what}[{i}]: {x} vs reference {r} (error {err:e}, scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn sgd_matches_an_f64_reference_of_torch_sgd() {
+    let cases = [
+        ("plain", json!({"lr": 0.05})),
+        (
+            "momentum_dampening_wd",
+            json!({"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.1}),
+        ),
+        (
+            "nesterov",
+            json!({"lr": 0.05, "momentum": 0.9, "nesterov": true, "weight_decay": 0.05}),
+        ),
+        (
+            "maximize",
+            json!({"lr": 0.05, "momentum": 0.5, "weight_decay": 0.1, "maximize": true}),
+        ),
+    ];
+    // `a` (vector body and tail of the element loop) has a gradient at every step; `b` gets its
+    // first at step 2, where its buffer starts as a copy of that gradient.
+    let sizes = [1003, 7];
+    for (label, hyper) in cases {
+        let h: SgdConfig = serde_json::from_value(hyper.clone()).unwrap();
+        let vars: Vec<Var> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| var(&uniform(10 + i as u64, n)))
+            .collect();
+        let mut refs: Vec<SgdRef> = vars
+            .iter()
+            .map(|v| SgdRef {
+                p: v.to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect(),
+                buf: None,
+            })
+            .collect();
+        let named = vec![
+            ("a".to_string(), vars[0].clone()),
+            ("b".into(), vars[1].clone()),
+        ];
+        let mut opt = Algo::Sgd.build_json(named, &hyper).unwrap();
+        for step in 1..=5u64 {
+            let mut g = GradStore::default();
+            for (i, (v, r)) in vars.iter().zip(&mut refs).enumerate() {
+                if i == 1 && step == 1 {
+                    continue;
+                }
+                let gv = uniform(100 * step + i as u64, v.elem_count());
+                g.insert(
+                    v.as_tensor(),
+                    Tensor::new(gv.as_slice(), &Device::Cpu).unwrap(),
+                );
+                r.step(&h, &gv);
+            }
+            assert!(opt.step(&g).unwrap().taken, "{label}");
+            for ((name, v), r) in ["a", "b"].iter().zip(&vars).zip(&refs) {
+                let what = format!("{label} step {step} {name}");
+                assert_close(&what, &v.to_vec1::<f32>().unwrap(), &r.p);
+                let st = opt.param_state(name).unwrap();
+                match &r.buf {
+                    None => assert!(st.slots.is_empty(), "{what}: unexpected state"),
+                    Some(buf) => {
+                        assert_eq!(st.slots.len(), 1, "{what}");
+                        let (slot, t) = &st.slots[0];
+                        assert_eq!(*slot, "momentum_buffer");
+                        assert_close(
+                            &format!("{what} buf"),
+                            &t.to_f32().unwrap().to_vec1::<f32>().unwrap(),
+                            buf,
+                        );
+                    }
+                }
+            }
+        }
+        let per_elem = if h.momentum != 0.0 { 4 } else { 0 };
+        assert_eq!(opt.state_bytes(), per_elem * (1003 + 7), "{label}");
+    }
+}
+
+#[test]
+fn sgd_nesterov_without_momentum_or_with_dampening_is_a_typed_error() {
+    let named = || vec![("a".to_string(), var(&[1., 2.]))];
+    for bad in [
+        json!({"nesterov": true}),
+        json!({"nesterov": true, "momentum": 0.0}),
+        json!({"nesterov": true, "momentum": 0.9, "dampening": 0.1}),
+    ] {
+        let r = Algo::Sgd.build_json(named(), &bad);
+        assert!(
+            matches!(r, Err(Error::InvalidHyperparameter { .. })),
+            "{bad}: {:?}",
+            r.err()
+        );
+    }
+    let cfg = SgdConfig {
+        nesterov: true,
+        ..Default::default()
+    };
+    let r = Sgd::builder(cfg).named_vars(named()).build();
+    assert!(matches!(
+        r,
+        Err(Error::InvalidHyperparameter {
+            name: "momentum",
+            ..
+        })
+    ));
+    for cfg in [
+        SgdConfig {
+            dampening: f64::INFINITY,
+            ..Default::default()
+        },
+        SgdConfig {
+            dampening: f64::NAN,
+            momentum: 0.9,
+            ..Default::default()
+        },
+        SgdConfig {
+            momentum: -0.1,
+            ..Default::default()
+        },
+    ] {
+        let r = Sgd::new(vec![var(&[1.])], cfg.clone());
+        assert!(
+            matches!(r, Err(Error::InvalidHyperparameter { .. })),
+            "{cfg:?}"
+        );
+    }
+    // Nesterov with a momentum and no dampening is fine; the name resolves in any case.
+    Sgd::new(
+        vec![var(&[1.])],
+        SgdConfig {
+            nesterov: true,
+            momentum: 0.9,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(Algo::from_name("SGD"), Some(Algo::Sgd));
+    assert_eq!(Algo::Sgd.default_lr(), 1e-3);
 }

@@ -447,6 +447,18 @@ fn candle_nn_optimizer_drop_in_trains() {
                 &y,
             ),
         ),
+        (
+            "sgd",
+            fit::<Sgd>(
+                SgdConfig {
+                    lr: 0.02,
+                    momentum: 0.9,
+                    ..Default::default()
+                },
+                &x,
+                &y,
+            ),
+        ),
     ];
     for (name, (first, last)) in results {
         println!("{name}: loss {first} -> {last}");

@@ -114,14 +114,19 @@ pub fn example_lr(algo: Algo) -> f64 {
         Algo::Lion => 1e-4,
         // Not swept: one rate for the matrices (Muon) and the auxiliary AdamW.
         Algo::Muon => 3e-3,
+        // Not swept (momentum 0.9, see `make_optimizer`).
+        Algo::Sgd => 1e-2,
     }
 }
 
 /// The factor the examples' weight decay is multiplied by for `algo`: Lion's smaller steps
-/// want a larger decay (its authors' recipe: 3–10× AdamW's), the others take it as given.
+/// want a larger decay (its authors' recipe: 3–10× AdamW's); SGD's is a coupled L2 penalty,
+/// which momentum 0.9 accumulates to 1/(1 − 0.9) = 10× a decoupled decay of the same value;
+/// the others take it as given.
 pub fn weight_decay_factor(algo: Algo) -> f64 {
     match algo {
         Algo::Lion => 10.0,
+        Algo::Sgd => 0.1,
         Algo::SgdSai
         | Algo::AdamW
         | Algo::AdamP
@@ -133,7 +138,8 @@ pub fn weight_decay_factor(algo: Algo) -> f64 {
 }
 
 /// Builds `algo` over every float variable of `varmap` with learning rate `lr` and weight decay
-/// `wd` (none for biases and norm gains); other hyperparameters take the official defaults.
+/// `wd` (none for biases and norm gains); other hyperparameters take the official defaults,
+/// except SGD's momentum: 0.9 (torch's default, 0, is plain SGD).
 pub fn make_optimizer(
     algo: Algo,
     varmap: &VarMap,
@@ -161,6 +167,9 @@ pub fn make_optimizer_with(
     let mut hyper = json!({"lr": lr, "weight_decay": wd});
     if state_format != "f32" {
         hyper["state_format"] = state_format.into();
+    }
+    if algo == Algo::Sgd {
+        hyper["momentum"] = json!(0.9);
     }
     build_named(algo, vars, &hyper, true)
 }

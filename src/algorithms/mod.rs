@@ -8,4 +8,5 @@ pub mod adan;
 pub mod diffgrad;
 pub mod lion;
 pub mod muon;
+pub mod sgd;
 pub mod sgd_sai;

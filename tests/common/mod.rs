@@ -170,6 +170,35 @@ fn entries(algo: Algo) -> Vec<Entry> {
             // A group of AdamW parameters (embeddings, heads) of a Muon optimizer.
             entry("muon_adamw_group", json!({"use_muon": false}), 8, vec![]),
         ],
+        Algo::Sgd => vec![
+            // torch's default: no momentum, no state.
+            entry(
+                "sgd",
+                json!({}),
+                0,
+                with(
+                    bad_common(),
+                    vec![
+                        json!({"momentum": -0.5}),
+                        // Nesterov needs a momentum and zero dampening (torch's ValueError).
+                        json!({"nesterov": true}),
+                        json!({"nesterov": true, "momentum": 0.9, "dampening": 0.1}),
+                    ],
+                ),
+            ),
+            entry(
+                "sgd_momentum_dampening_wd",
+                json!({"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}),
+                4,
+                vec![],
+            ),
+            entry(
+                "sgd_nesterov",
+                json!({"momentum": 0.9, "nesterov": true, "weight_decay": 0.01}),
+                4,
+                vec![],
+            ),
+        ],
     }
 }
 
@@ -183,7 +212,8 @@ pub fn scalar_bytes_per_tensor(algo: Algo) -> usize {
         | Algo::DiffGrad
         | Algo::Adan
         | Algo::Lion
-        | Algo::Muon => 0,
+        | Algo::Muon
+        | Algo::Sgd => 0,
     }
 }
 

@@ -6,7 +6,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_optim::{
     AdaBeliefConfig, AdamPConfig, AdamWConfig, AdanConfig, Algo, DiffGradConfig, LionConfig,
-    MuonConfig, SgdSaiConfig,
+    MuonConfig, SgdConfig, SgdSaiConfig,
 };
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
@@ -244,6 +244,7 @@ fn config_keys(algo: Algo) -> Res<BTreeSet<String>> {
         Algo::Adan => keys::<AdanConfig>(),
         Algo::Lion => keys::<LionConfig>(),
         Algo::Muon => keys::<MuonConfig>(),
+        Algo::Sgd => keys::<SgdConfig>(),
     }
 }
 
