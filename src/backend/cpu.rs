@@ -5,6 +5,7 @@
 //! through a nested `inplace_op1`, so that the innermost call holds `&mut` to the parameter and
 //! every slot at once and runs the single loop. No shared reference is ever written through.
 
+use super::split::{leaf_len, GRAIN};
 use super::staged::{self, Codec};
 use super::{simd, Work};
 use crate::algorithm::{Execution, Kernel, Slots, MAX_SLOTS};
@@ -20,8 +21,6 @@ use candle_core::{
 use half::{bf16, f16};
 use std::cell::RefCell;
 
-/// Smallest run of elements handed to one thread (128 KiB of f32 per stream).
-const GRAIN: usize = 1 << 15;
 /// Split points are multiples of this many elements, so two threads never write the same
 /// 64-byte cache line of any array (64 elements is a whole line even for f64/bf16 mixes).
 const ALIGN: usize = 64;
@@ -346,22 +345,10 @@ impl<K: Kernel, P: Elem> simd::Task for Apply<'_, '_, K, P> {
     }
 }
 
-/// Applies `k` to a whole tensor, split into runs of at least `GRAIN` (32Ki) elements over the
-/// current rayon pool (run inline when the pool has one thread).
+/// Applies `k` to a whole tensor, split into runs of [`leaf_len`] elements over the current
+/// rayon pool (run inline when the pool has one thread).
 pub(crate) fn par_apply<K: Kernel, P: Elem>(k: &K, p: &mut [P], g: &[P], s: Slots<'_, P::Math>) {
     apply_rec(k, p, g, s, leaf_len(p.len()));
-}
-
-/// The run length below which an element-wise pass over `n` elements is not split further:
-/// a few leaves per thread balance the load, more only add joins; no split on one thread.
-/// (Element-wise results do not depend on it; reductions use a fixed tree instead.)
-pub(crate) fn leaf_len(n: usize) -> usize {
-    let threads = rayon::current_num_threads();
-    if threads <= 1 {
-        usize::MAX
-    } else {
-        GRAIN.max(n / (threads * 4))
-    }
 }
 
 fn apply_rec<K: Kernel, P: Elem>(

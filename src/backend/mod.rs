@@ -13,6 +13,7 @@ mod kernel_abi;
 mod matrix;
 mod rows;
 pub mod simd;
+mod split;
 mod staged;
 
 use crate::algorithm::{ElementWise, Execution, ExecutionKind, Kernel, Slots};

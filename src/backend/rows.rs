@@ -7,7 +7,8 @@
 //! pass, only when it fires) and writes p. Sums use fixed split trees, so results do not
 //! depend on the number of threads.
 
-use super::cpu::{leaf_len, par_apply, split_point, REDUCE_GRAIN};
+use super::cpu::{par_apply, split_point, REDUCE_GRAIN};
+use super::split::leaf_len;
 use super::simd;
 use crate::algorithm::{
     Execution, ExecutionKind, Projection, RowProjected, RowRule, RowSums, Slots,

@@ -7,7 +7,7 @@
 //! (AdamP's row passes) decode the whole tensor into scratch, run their full-precision update,
 //! and encode it: the same values, in more passes.
 
-use super::cpu::leaf_len;
+use super::split::leaf_len;
 use super::simd;
 use crate::algorithm::{Execution, ExecutionKind, Kernel, Slots, MAX_SLOTS};
 use crate::elem::{Elem, Real};
