@@ -520,8 +520,14 @@ fn run_one(
 ) -> Result<train::Outcome> {
     let (mut varmap, net) = build(args.model, width(args), args.seed, dev)?;
     let lr = args.lr.unwrap_or_else(|| default_lr(args.model, algo));
-    let mut opt =
-        common::make_optimizer_with(algo, &varmap, lr, args.weight_decay, &args.state_format)?;
+    let mut opt = common::make_optimizer_with(
+        algo,
+        &varmap,
+        lr,
+        args.weight_decay,
+        &args.state_format,
+        None,
+    )?;
     let test = match args.eval_size {
         Some(n) => data.test.head(n),
         None => data.test.clone(),

@@ -138,6 +138,14 @@ struct Args {
     /// bitsandbytes; tensors under 4096 elements keep f32 state).
     #[arg(long, default_value = "f32")]
     state_format: String,
+    /// The weights' dtype: f32, or bf16 (math in f32: each weight is widened where it is
+    /// used; no f32 master copy).
+    #[arg(long, default_value = "f32")]
+    weights: String,
+    /// Write bf16 weights back with stochastic rounding (seeded by --seed) instead of
+    /// round-to-nearest.
+    #[arg(long)]
+    stochastic_rounding: bool,
     /// Where --compare writes compare.md and compare.png.
     #[arg(long, default_value = "target/compare/gpt2")]
     out: PathBuf,
@@ -197,17 +205,15 @@ impl Gpt {
     fn forward(&self, idx: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t) = idx.dims2()?;
         let pos = Tensor::arange(0u32, t as u32, idx.device())?;
-        let mut x = self
-            .wte
-            .forward(idx)?
-            .broadcast_add(&self.wpe.forward(&pos)?)?;
+        let mut x =
+            nn::f32(&self.wte.forward(idx)?)?.broadcast_add(&nn::f32(&self.wpe.forward(&pos)?)?)?;
         let mask = self.mask.i((..t, ..t))?.contiguous()?;
         for blk in &self.blocks {
             x = blk.forward(&x, Some(&mask))?;
         }
         let x = self.ln_f.forward(&x)?.reshape((b * t, self.cfg.n_embd))?;
         // The output head is the token embedding, transposed (weight tying).
-        x.matmul(&self.wte.embeddings().t()?)
+        x.matmul(&nn::f32(self.wte.embeddings())?.t()?)
     }
 }
 
@@ -318,11 +324,20 @@ struct Setup {
     vocab: text::Vocab,
 }
 
-fn build(cfg: Config, seed: u64, dev: &Device) -> Result<(VarMap, Gpt)> {
+fn build(cfg: Config, seed: u64, dev: &Device, weights: DType) -> Result<(VarMap, Gpt)> {
     let varmap = VarMap::new();
-    let model = Gpt::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
+    let model = Gpt::new(cfg, VarBuilder::from_varmap(&varmap, weights, dev))?;
     common::seeded_init(&varmap, seed, nn::gpt2_init(cfg.n_layer))?;
     Ok((varmap, model))
+}
+
+/// The dtype `--weights` names.
+fn weights_dtype(args: &Args) -> Result<DType> {
+    match args.weights.as_str() {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("--weights must be f32 or bf16, got {other:?}").into()),
+    }
 }
 
 fn run_one<'a>(
@@ -333,10 +348,16 @@ fn run_one<'a>(
     save: Option<PathBuf>,
     resume: Option<PathBuf>,
 ) -> Result<(train::Outcome, LmTask<'a>)> {
-    let (mut varmap, model) = build(setup.cfg, args.seed, dev)?;
+    let (mut varmap, model) = build(setup.cfg, args.seed, dev, weights_dtype(args)?)?;
     let lr = args.lr.unwrap_or_else(|| default_lr(algo, args.preset));
-    let mut opt =
-        common::make_optimizer_with(algo, &varmap, lr, args.weight_decay, &args.state_format)?;
+    let mut opt = common::make_optimizer_with(
+        algo,
+        &varmap,
+        lr,
+        args.weight_decay,
+        &args.state_format,
+        args.stochastic_rounding.then_some(args.seed),
+    )?;
     opt.set_max_grad_norm(Some(1.0))?;
     let mut task = LmTask {
         model,
@@ -441,7 +462,7 @@ fn run(args: Args) -> Result<()> {
             )
         }
     );
-    let (varmap, _) = build(cfg, args.seed, &dev)?;
+    let (varmap, _) = build(cfg, args.seed, &dev, weights_dtype(&args)?)?;
     println!(
         "Model: GPT-2-style, {n_layer} layers, {n_head} heads, width {n_embd}, context {}, \
          {} parameters (preset {:?}); {} steps of {}×{} tokens on {:?}, seed {}.",

@@ -146,17 +146,19 @@ pub fn make_optimizer(
     lr: f64,
     wd: f64,
 ) -> candle_optim::Result<Box<dyn Optimizer>> {
-    make_optimizer_with(algo, varmap, lr, wd, "f32")
+    make_optimizer_with(algo, varmap, lr, wd, "f32", None)
 }
 
 /// [`make_optimizer`] with the optimizer state kept in `state_format` (`f32`, `bf16` or
-/// `blockwise8`, see `candle_optim::StateFormat`).
+/// `blockwise8`, see `candle_optim::StateFormat`) and, with `rounding_seed`, bf16 parameters
+/// written back with stochastic rounding.
 pub fn make_optimizer_with(
     algo: Algo,
     varmap: &VarMap,
     lr: f64,
     wd: f64,
     state_format: &str,
+    rounding_seed: Option<u64>,
 ) -> candle_optim::Result<Box<dyn Optimizer>> {
     let mut vars: Vec<_> = {
         let data = varmap.data().lock().expect("varmap lock");
@@ -167,6 +169,9 @@ pub fn make_optimizer_with(
     let mut hyper = json!({"lr": lr, "weight_decay": wd});
     if state_format != "f32" {
         hyper["state_format"] = state_format.into();
+    }
+    if let Some(seed) = rounding_seed {
+        hyper["stochastic_rounding_seed"] = seed.into();
     }
     if algo == Algo::Sgd {
         hyper["momentum"] = json!(0.9);

@@ -9,6 +9,28 @@ use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, T
 use candle_nn::{linear, Init, Linear, Module, VarBuilder};
 use rayon::prelude::*;
 
+/// `t` in f32: the layers compute in f32 whatever dtype their weights are stored in (bf16
+/// weights without an f32 master copy); a no-op for f32.
+pub fn f32(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::F32)
+}
+
+/// candle-nn's linear layer, its weights widened to f32 where they are used.
+pub struct Lin(Linear);
+
+impl Lin {
+    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self(linear(in_dim, out_dim, vb)?))
+    }
+}
+
+impl Module for Lin {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let b = self.0.bias().map(f32).transpose()?;
+        Linear::new(f32(self.0.weight())?, b).forward(x)
+    }
+}
+
 /// Layer normalisation over the last dimension, with gain `weight` and bias `bias`.
 pub struct LayerNorm {
     weight: Tensor,
@@ -28,14 +50,14 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+        candle_nn::ops::layer_norm_slow(x, &f32(&self.weight)?, &f32(&self.bias)?, self.eps)
     }
 }
 
 /// Multi-head self-attention with one fused q/k/v projection (GPT-2's `c_attn`, `c_proj`).
 pub struct Attention {
-    c_attn: Linear,
-    c_proj: Linear,
+    c_attn: Lin,
+    c_proj: Lin,
     n_head: usize,
 }
 
@@ -45,8 +67,8 @@ impl Attention {
             candle_core::bail!("width {dim} is not a multiple of the {n_head} heads");
         }
         Ok(Self {
-            c_attn: linear(dim, 3 * dim, vb.pp("c_attn"))?,
-            c_proj: linear(dim, dim, vb.pp("c_proj"))?,
+            c_attn: Lin::new(dim, 3 * dim, vb.pp("c_attn"))?,
+            c_proj: Lin::new(dim, dim, vb.pp("c_proj"))?,
             n_head,
         })
     }
@@ -90,15 +112,15 @@ pub fn causal_mask(t: usize, dev: &Device) -> Result<Tensor> {
 
 /// The feed-forward part: `c_fc` to `hidden`, GELU (tanh form, as GPT-2), `c_proj` back.
 pub struct Mlp {
-    c_fc: Linear,
-    c_proj: Linear,
+    c_fc: Lin,
+    c_proj: Lin,
 }
 
 impl Mlp {
     pub fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            c_fc: linear(dim, hidden, vb.pp("c_fc"))?,
-            c_proj: linear(hidden, dim, vb.pp("c_proj"))?,
+            c_fc: Lin::new(dim, hidden, vb.pp("c_fc"))?,
+            c_proj: Lin::new(hidden, dim, vb.pp("c_proj"))?,
         })
     }
 }

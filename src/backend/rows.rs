@@ -8,8 +8,8 @@
 //! depend on the number of threads.
 
 use super::cpu::{par_apply, split_point, REDUCE_GRAIN};
-use super::split::leaf_len;
 use super::simd;
+use super::split::leaf_len;
 use crate::algorithm::{
     Execution, ExecutionKind, Projection, RowProjected, RowRule, RowSums, Slots,
 };

@@ -14,4 +14,3 @@ pub(crate) fn leaf_len(n: usize) -> usize {
         GRAIN.max(n / (threads * 4))
     }
 }
-

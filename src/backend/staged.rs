@@ -7,8 +7,8 @@
 //! (AdamP's row passes) decode the whole tensor into scratch, run their full-precision update,
 //! and encode it: the same values, in more passes.
 
-use super::split::leaf_len;
 use super::simd;
+use super::split::leaf_len;
 use crate::algorithm::{Execution, ExecutionKind, Kernel, Slots, MAX_SLOTS};
 use crate::elem::{Elem, Real};
 use crate::state::{random_bits, Quantizer, BLOCK};
