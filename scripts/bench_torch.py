@@ -3,15 +3,17 @@
 parameter shapes and thread count, one JSON list of rows {name, ms: [per-step ms], bytes} on
 stdout.
 
-Measures torch.optim.AdamW (fused=True, foreach=True, and the for-loop path) and
-torch.optim.SGD(momentum=0.9). PyTorch is not a dependency of the crate: this runs only when the
+Measures torch.optim.AdamW (fused=True, foreach=True, and the for-loop path),
+torch.optim.SGD(momentum=0.9) and torch.optim.Muon (torch >= 2.9) on the hidden matrices with
+torch's fused AdamW (betas (0.9, 0.95), eps 1e-10) on the embeddings and every tensor of rank != 2,
+as examples/bench.rs runs this crate's Muon. PyTorch is not a dependency of the crate: this runs only when the
 bench is given --torch and a python with torch.
 
     python3 scripts/bench_torch.py --set gpt2 --threads 2 --steps 10
     python3 scripts/bench_torch.py --device cuda --set xl --steps 20
     python3 scripts/bench_torch.py --serve --set gpt2 --threads 2   # driven by examples/bench.rs
 
---variants keeps only some rows (adamw_fused, adamw_foreach, adamw_forloop, sgd_momentum).
+--variants keeps only some rows (adamw_fused, adamw_foreach, adamw_forloop, sgd_momentum, muon).
 With --serve it sets everything up (one step of each optimizer, so its state exists), prints
 one JSON line {"names": [...], "bytes": [...]}, and then answers each line "NAME K" on stdin
 with one untimed and K timed steps of that optimizer, printing their times as a JSON list: the
@@ -73,6 +75,20 @@ def main():
         ("torch_adamw_forloop", lambda: torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, foreach=False), 28),
         ("torch_sgd_momentum", lambda: torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=True), 20),
     ]
+    if hasattr(torch.optim, "Muon"):
+        # The first two tensors of every set are the token and position embeddings.
+        mats = [p for i, p in enumerate(params) if p.ndim == 2 and i >= 2]
+        rest = [p for i, p in enumerate(params) if not (p.ndim == 2 and i >= 2)]
+        m = sum(p.numel() for p in mats)
+        variants.append((
+            "torch_muon",
+            lambda: Pair(
+                torch.optim.Muon(mats, lr=1e-4, weight_decay=0.01),
+                torch.optim.AdamW(rest, lr=1e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.01, fused=True),
+            ),
+            # Element-wise bytes only (momentum 20 B, AdamW 28 B per element), as the Rust side.
+            (20 * m + 28 * (n - m)) / n,
+        ))
     if a.variants:
         keep = a.variants.split(",")
         variants = [v for v in variants if v[0].removeprefix("torch_") in keep]
@@ -83,7 +99,7 @@ def main():
         # (the bench controls which side allocates first).
         for opt in opts.values():
             opt.step()
-        print(json.dumps({"names": [v[0] for v in variants], "bytes": [v[2] * n for v in variants]}), flush=True)
+        print(json.dumps({"names": [v[0] for v in variants], "bytes": [int(v[2] * n) for v in variants]}), flush=True)
         for line in sys.stdin:
             name, k = line.split()
             opt = opts[name]
@@ -123,9 +139,20 @@ def main():
                     opt.step()
                 sync()
                 tput.append((time.perf_counter() - t) * 1e3 / a.steps)
-        rows.append({"name": name, "ms": ms, "ms_host": host, "ms_tput": tput, "bytes": bpe * n})
+        rows.append({"name": name, "ms": ms, "ms_host": host, "ms_tput": tput, "bytes": int(bpe * n)})
         del opt
     print(json.dumps(rows))
+
+
+class Pair:
+    """Two optimizers stepped as one."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def step(self):
+        self.a.step()
+        self.b.step()
 
 
 class Copy:

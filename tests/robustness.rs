@@ -142,6 +142,12 @@ fn resign(
     g: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<u8>)>),
 ) -> Vec<u8> {
     let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    let dtypes: std::collections::HashMap<String, safetensors::Dtype> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype()))
+        .collect();
+    let dtype = |n: &str| dtypes.get(n).copied().unwrap_or(safetensors::Dtype::F32);
     let mut state = state_of(bytes);
     f(&mut state);
     let state = serde_json::to_string(&state).unwrap();
@@ -157,7 +163,7 @@ fn resign(
     for (name, shape, data) in &tensors {
         h.update(&(name.len() as u64).to_le_bytes());
         h.update(name.as_bytes());
-        h.update(format!("{:?}", safetensors::Dtype::F32).as_bytes());
+        h.update(format!("{:?}", dtype(name)).as_bytes());
         h.update(&(shape.len() as u64).to_le_bytes());
         for d in shape {
             h.update(&(*d as u64).to_le_bytes());
@@ -171,8 +177,7 @@ fn resign(
         .map(|(n, s, d)| {
             (
                 n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
-                    .unwrap(),
+                safetensors::tensor::TensorView::new(dtype(n), s.clone(), d).unwrap(),
             )
         })
         .collect();
@@ -425,5 +430,70 @@ fn every_non_finite_value_is_found_in_every_dtype_and_position() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn damaged_eight_bit_checkpoints_are_refused() {
+    let vars = named_vars(&[&[16, 20], &[20]], DType::F32);
+    let hp = json!({"state_format": "blockwise8", "min_8bit_size": 256});
+    let mut opt = Algo::AdamW.build_json(vars.clone(), &hp).unwrap();
+    for s in 0..2 {
+        opt.step(&grads_for(&vars, s)).unwrap();
+    }
+    let good = opt.save_bytes().unwrap();
+    let mut target = Algo::AdamW.build_json(vars.clone(), &hp).unwrap();
+    target.load_bytes(&good).unwrap();
+    let f32_at = |v: f32| {
+        move |t: &mut Vec<(String, Vec<usize>, Vec<u8>)>| {
+            let a = t
+                .iter_mut()
+                .find(|x| x.0 == "p0/exp_avg_sq.absmax")
+                .unwrap();
+            a.2[..4].copy_from_slice(&v.to_le_bytes());
+        }
+    };
+    let bad = [
+        ("negative absmax", resign(&good, |_| {}, f32_at(-1.0))),
+        ("NaN absmax", resign(&good, |_| {}, f32_at(f32::NAN))),
+        (
+            "absmax of the wrong length",
+            resign(
+                &good,
+                |_| {},
+                |t| {
+                    let a = t.iter_mut().find(|x| x.0 == "p0/exp_avg.absmax").unwrap();
+                    a.1 = vec![1];
+                    a.2.truncate(4);
+                },
+            ),
+        ),
+        (
+            "codes missing",
+            resign(&good, |_| {}, |t| t.retain(|x| x.0 != "p0/exp_avg.codes")),
+        ),
+        (
+            "the group's format said to be f32",
+            resign(
+                &good,
+                |s| s["groups"][0]["state_format"] = json!("f32"),
+                |_| {},
+            ),
+        ),
+        (
+            "unknown state format",
+            resign(
+                &good,
+                |s| s["groups"][0]["state_format"] = json!("int3"),
+                |_| {},
+            ),
+        ),
+        (
+            "unknown rounding",
+            resign(&good, |s| s["rounding"] = json!("upward"), |_| {}),
+        ),
+    ];
+    for (what, bytes) in bad {
+        assert_refused(target.as_mut(), &bytes, what);
     }
 }
