@@ -1,7 +1,9 @@
 //! The GPU check (issue: fused CUDA kernels): on a machine with an NVIDIA GPU, replays every
-//! golden trace on CUDA (same tolerances; each case's final optimizer state is also compared
-//! with the CPU path's), checks all seven against the CPU on a tensor whose launches are split
-//! into several parts, then benchmarks every optimizer's step on the GPT-2-small (124.4M)
+//! golden trace on CUDA (same tolerances, the blockwise8 family included; each case's final
+//! optimizer state is also compared with the CPU path's), checks all seven against the CPU on a
+//! tensor whose launches are split into several parts, checks the state formats (8-bit
+//! blockwise, bf16) and stochastic rounding of bf16 parameters against the CPU (one PASS/FAIL
+//! line per optimizer and mode), then benchmarks every optimizer's step on the GPT-2-small (124.4M)
 //! and GPT-2-XL (1.56B) parameter shapes: ms/step, GB/s from the bytes the step must move, %
 //! of a device-to-device copy measured in the same run, and — with `--torch PYTHON` —
 //! `torch.optim.AdamW(fused=True)` on the same shapes through that python.
@@ -18,7 +20,7 @@ mod replay;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_optim::{Algo, NonFinitePolicy};
+use candle_optim::{Algo, NonFinitePolicy, StateTensor};
 use clap::Parser;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -241,6 +243,12 @@ fn main() {
         println!("{bline}");
         ok &= big_ok;
         md += &format!("{bline}\n\n");
+        println!("== state formats and stochastic rounding, CUDA vs CPU");
+        let (fmt_ok, lines) = formats_check(&dev);
+        ok &= fmt_ok;
+        for l in &lines {
+            md += &format!("{l}\n\n");
+        }
         report["conformance"] =
             serde_json::json!({"passed": p, "failed": f, "skipped": s, "state_worst": worst});
     }
@@ -425,6 +433,299 @@ fn large_launch_check(dev: &Device) -> (bool, String) {
     }
 }
 
+/// One mode of [`formats_check`]: its name, the parameters' dtype and the driver's keys.
+struct FormatMode {
+    name: &'static str,
+    dtype: DType,
+    keys: serde_json::Value,
+}
+
+/// Differences of one tensor (or slot), CUDA vs CPU: `exact` (bit for bit; NaN matching NaN),
+/// `close` (full-precision values within the conformance tolerance 1e-5·(|b| + max|b|)),
+/// `near` (one step of the representation apart: one 8-bit code level, one bf16 ulp; for
+/// full-precision values within 1e-3·(|b| + max|b|)) and `far` (the rest). A check allows no
+/// far value and at most max(1, n/1000) near ones per tensor: a value a rounding boundary
+/// apart where the f32 math differs in its last bit, or the code of an element whose state
+/// already differed.
+#[derive(Default)]
+struct Diff {
+    n: usize,
+    exact: usize,
+    close: usize,
+    near: usize,
+    far: usize,
+}
+
+impl Diff {
+    fn budget(&self) -> usize {
+        (self.n / 1000).max(1)
+    }
+
+    fn ok(&self) -> bool {
+        self.far == 0 && self.near <= self.budget()
+    }
+
+    fn add(&mut self, o: &Diff) {
+        self.n += o.n;
+        self.exact += o.exact;
+        self.close += o.close;
+        self.near += o.near;
+        self.far += o.far;
+    }
+
+    fn mismatched(n: usize) -> Diff {
+        Diff {
+            n: n.max(1),
+            far: n.max(1),
+            ..Default::default()
+        }
+    }
+
+    /// Integers (codes, bf16 bits as ordered integers): one apart is near.
+    fn ints(a: &[i64], b: &[i64]) -> Diff {
+        if a.len() != b.len() {
+            return Diff::mismatched(b.len());
+        }
+        let mut d = Diff {
+            n: b.len(),
+            ..Default::default()
+        };
+        for (x, y) in a.iter().zip(b) {
+            match x.abs_diff(*y) {
+                0 => d.exact += 1,
+                1 => d.near += 1,
+                _ => d.far += 1,
+            }
+        }
+        d
+    }
+
+    /// Floats, as described at [`Diff`].
+    fn floats(a: &[f64], b: &[f64]) -> Diff {
+        if a.len() != b.len() {
+            return Diff::mismatched(b.len());
+        }
+        let mut d = Diff {
+            n: b.len(),
+            ..Default::default()
+        };
+        let scale = b.iter().fold(0f64, |m, x| m.max(x.abs()));
+        for (x, y) in a.iter().zip(b) {
+            if x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()) {
+                d.exact += 1;
+                continue;
+            }
+            let e = (x - y).abs() / (y.abs() + scale + 1e-30);
+            if e <= 1e-5 {
+                d.close += 1;
+            } else if e <= 1e-3 {
+                d.near += 1;
+            } else {
+                d.far += 1; // NaN against a number too
+            }
+        }
+        d
+    }
+
+    fn show(&self) -> String {
+        format!(
+            "{}/{} exact, {} close, {} near, {} far",
+            self.exact, self.n, self.close, self.near, self.far
+        )
+    }
+}
+
+/// bf16 bits as integers ordered like the values (adjacent values one apart, ±0 equal, every
+/// NaN equal).
+fn bf16_ordered(t: &Tensor) -> candle_optim::Result<Vec<i64>> {
+    let v = t
+        .flatten_all()?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<half::bf16>()?;
+    Ok(v.iter()
+        .map(|x| {
+            let b = i64::from(x.to_bits());
+            if b & 0x7FFF > 0x7F80 {
+                i64::MIN
+            } else if b & 0x8000 != 0 {
+                -(b & 0x7FFF)
+            } else {
+                b
+            }
+        })
+        .collect())
+}
+
+fn f64_values(t: &Tensor) -> candle_optim::Result<Vec<f64>> {
+    Ok(t.flatten_all()?
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?)
+}
+
+/// Compares a tensor of values (parameter or dense slot), CUDA (`g`) vs CPU (`c`).
+fn diff_values(g: &Tensor, c: &Tensor) -> candle_optim::Result<Diff> {
+    if g.dtype() == DType::BF16 {
+        Ok(Diff::ints(&bf16_ordered(g)?, &bf16_ordered(c)?))
+    } else {
+        Ok(Diff::floats(&f64_values(g)?, &f64_values(c)?))
+    }
+}
+
+/// Compares a slot as stored: 8-bit codes and absmax, or its dense values. Returns (values or
+/// codes, absmax) differences.
+fn diff_slot(g: &StateTensor, c: &StateTensor) -> candle_optim::Result<(Diff, Diff)> {
+    match (g, c) {
+        (StateTensor::Dense(a), StateTensor::Dense(b)) if a.dtype() == b.dtype() => {
+            Ok((diff_values(a, b)?, Diff::default()))
+        }
+        (
+            StateTensor::Blockwise8 {
+                codes: ca,
+                absmax: aa,
+                signed: sa,
+            },
+            StateTensor::Blockwise8 {
+                codes: cb,
+                absmax: ab,
+                signed: sb,
+            },
+        ) if sa == sb => {
+            let codes = |t: &Tensor| -> candle_optim::Result<Vec<i64>> {
+                Ok(t.flatten_all()?
+                    .to_device(&Device::Cpu)?
+                    .to_vec1::<u8>()?
+                    .into_iter()
+                    .map(i64::from)
+                    .collect())
+            };
+            Ok((
+                Diff::ints(&codes(ca)?, &codes(cb)?),
+                Diff::floats(&f64_values(aa)?, &f64_values(ab)?),
+            ))
+        }
+        _ => Ok((Diff::mismatched(1), Diff::default())),
+    }
+}
+
+/// Every optimizer that takes state formats (all but Muon, which keeps f32 state), CPU vs CUDA
+/// from the same values: three steps (a new gradient each) per mode — 8-bit blockwise state
+/// (`min_8bit_size` 256: every tensor but the smallest is 8-bit), bf16 state, bf16 parameters
+/// rounded stochastically (f32 state, and 8-bit state), 8-bit state for f64 parameters. The
+/// tensors cover a multi-chunk matrix with a partial last quantization block, vectors with
+/// partial blocks, a tensor under `min_8bit_size` (f32 state in the same group) and exact
+/// blocks; AdamP's matrices take its decode/encode path. Compares the parameters, the 8-bit
+/// codes and absmax and the bf16 state ([`Diff`]); one PASS/FAIL line per optimizer and mode.
+fn formats_check(dev: &Device) -> (bool, Vec<String>) {
+    let shapes: [&[usize]; 5] = [&[4097, 33], &[300], &[100], &[64, 512], &[1000]];
+    let modes = [
+        FormatMode {
+            name: "blockwise8",
+            dtype: DType::F32,
+            keys: serde_json::json!({"state_format": "blockwise8", "min_8bit_size": 256}),
+        },
+        FormatMode {
+            name: "bf16 state",
+            dtype: DType::F32,
+            keys: serde_json::json!({"state_format": "bf16"}),
+        },
+        FormatMode {
+            name: "bf16 params, stochastic rounding",
+            dtype: DType::BF16,
+            keys: serde_json::json!({"stochastic_rounding_seed": 1234}),
+        },
+        FormatMode {
+            name: "bf16 params, stochastic rounding, blockwise8",
+            dtype: DType::BF16,
+            keys: serde_json::json!({
+                "state_format": "blockwise8", "min_8bit_size": 256, "stochastic_rounding_seed": 99
+            }),
+        },
+        FormatMode {
+            name: "f64 params, blockwise8",
+            dtype: DType::F64,
+            keys: serde_json::json!({"state_format": "blockwise8", "min_8bit_size": 256}),
+        },
+    ];
+    let mut all_ok = true;
+    let mut lines = Vec::new();
+    for mode in &modes {
+        for &algo in Algo::ALL {
+            // (Some(passed) or None when skipped, what was seen)
+            let run = || -> candle_optim::Result<(Option<bool>, String)> {
+                let mut hyper = serde_json::json!({"lr": 1e-3, "weight_decay": 0.01});
+                for (k, v) in mode.keys.as_object().expect("keys") {
+                    hyper[k] = v.clone();
+                }
+                let (mut cpu, mut gpu) = (Vec::new(), Vec::new());
+                for (i, s) in shapes.iter().enumerate() {
+                    let p = Tensor::randn(0f32, 0.02, *s, &Device::Cpu)?.to_dtype(mode.dtype)?;
+                    cpu.push((format!("p{i}"), Var::from_tensor(&p)?));
+                    gpu.push((format!("p{i}"), Var::from_tensor(&p.to_device(dev)?)?));
+                }
+                let mut oc = match algo.build_json(cpu.clone(), &hyper) {
+                    Ok(o) => o,
+                    Err(candle_optim::Error::Unsupported(why)) => return Ok((None, why)),
+                    Err(e) => return Err(e),
+                };
+                let mut og = algo.build_json(gpu.clone(), &hyper)?;
+                for _ in 0..3 {
+                    let (mut gc, mut gg) = (GradStore::default(), GradStore::default());
+                    for ((_, vc), (_, vg)) in cpu.iter().zip(&gpu) {
+                        let g = Tensor::randn(0f32, 1e-3, vc.shape(), &Device::Cpu)?
+                            .to_dtype(mode.dtype)?;
+                        gc.insert(vc.as_tensor(), g.clone());
+                        gg.insert(vg.as_tensor(), g.to_device(dev)?);
+                    }
+                    oc.step(&gc)?;
+                    og.step(&gg)?;
+                }
+                let (mut params, mut state, mut absmax) =
+                    (Diff::default(), Diff::default(), Diff::default());
+                let mut ok = true;
+                let mut q8 = 0;
+                for ((name, vc), (_, vg)) in cpu.iter().zip(&gpu) {
+                    let d = diff_values(vg.as_tensor(), vc.as_tensor())?;
+                    ok &= d.ok();
+                    params.add(&d);
+                    let sc = oc.param_state(name).expect("state");
+                    let sg = og.param_state(name).expect("state");
+                    if sc.slots.len() != sg.slots.len() {
+                        ok = false;
+                    }
+                    for ((_, a), (_, b)) in sg.slots.iter().zip(&sc.slots) {
+                        q8 += usize::from(matches!(a, StateTensor::Blockwise8 { .. }));
+                        let (v, m) = diff_slot(a, b)?;
+                        ok &= v.ok() && m.ok();
+                        state.add(&v);
+                        absmax.add(&m);
+                    }
+                }
+                Ok((
+                    Some(ok),
+                    format!(
+                        "params {}; state {} ({q8} 8-bit slots); absmax {}",
+                        params.show(),
+                        state.show(),
+                        absmax.show()
+                    ),
+                ))
+            };
+            let (ok, what) = run().unwrap_or_else(|e| (Some(false), format!("failed: {e}")));
+            let verdict = match ok {
+                Some(true) => "PASS",
+                Some(false) => "FAIL",
+                None => "SKIP",
+            };
+            let line = format!("{verdict} formats [{}] {}: {what}", mode.name, algo.name());
+            println!("{line}");
+            lines.push(line);
+            all_ok &= ok != Some(false);
+        }
+    }
+    (all_ok, lines)
+}
+
 fn bench_set(
     dev: &Device,
     set: &str,
@@ -466,6 +767,20 @@ fn bench_set(
                 opt.set_non_finite_policy(NonFinitePolicy::SkipStep);
                 let t = time_step(dev, steps, || opt.step(&grads).map(|_| ()))?;
                 push("adamw_fused_skipstep", t, bytes);
+                // State in 8 bits (bitsandbytes' default min_8bit_size 4096) and in bf16.
+                for (name, format) in [
+                    ("adamw_blockwise8", "blockwise8"),
+                    ("adamw_bf16_state", "bf16"),
+                ] {
+                    let hyper = serde_json::json!({
+                        "lr": 1e-4, "weight_decay": 0.01, "state_format": format
+                    });
+                    let mut opt = algo.build_json(vars.clone(), &hyper)?;
+                    opt.set_non_finite_policy(NonFinitePolicy::Propagate);
+                    let bytes = algo.step_traffic_bytes(&hyper, &dims)?;
+                    let t = time_step(dev, steps, || opt.step(&grads).map(|_| ()))?;
+                    push(name, t, bytes);
+                }
             }
             Ok(())
         };

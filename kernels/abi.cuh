@@ -5,5 +5,13 @@
 #define CO_THREADS 256
 #define CO_MAX_SLOTS 4
 #define CO_PARAM_BYTES 128
-#define CO_ENTRY_BYTES 208
+#define CO_ENTRY_BYTES 264
 #define CO_ROW_SEG 1024
+#define CO_QBLOCK 256
+#define CO_FMT_FULL 0
+#define CO_FMT_BF16 1
+#define CO_FMT_Q8 2
+#define CO_FLAG_SR 256
+#define CO_QGRID 65536
+#define CO_QTAB_LUT 2048
+#define CO_QTAB_BYTES 133120

@@ -13,7 +13,9 @@
 //   adamp_coef:  per row, the projector 1/(||p_r|| + eps) and coefficient (p̂_r·u_r) into
 //                coef[2*(off + r)] (row 0's slot for the layer view);
 //   adamp_pass2: u, projected; decay by (1 - lr*wd*r), r = wd_ratio if projected; p update.
-// Tensors of rank < 2 take adamp_plain (no projection).
+// Tensors of rank < 2 take adamp_plain (no projection); adamp_plain_fmt_* for state in bf16
+// or 8 bits and stochastic rounding (co_apply). Tensors of rank >= 2 with such state are
+// decoded into dense copies first (kernels/codec.cu), as the CPU does.
 #include "common.cuh"
 
 #define ADAMP_SEG CO_ROW_SEG
@@ -264,10 +266,7 @@ __device__ void adamp_plain(const TensorEntry* __restrict__ ts, const BlockEntry
       const TensorEntry* ts, const BlockEntry* bs, const double* mode, const double* coef) { \
     adamp_pass2<P>(ts, bs, mode, coef);                                                     \
   }                                                                                         \
-  extern "C" __global__ void __launch_bounds__(CO_THREADS) adamp_plain_##SUFFIX(            \
-      const TensorEntry* ts, const BlockEntry* bs) {                                        \
-    adamp_plain<P>(ts, bs);                                                                 \
-  }
+  CO_ENTRY_POINTS_AS(adamp_plain, P, SUFFIX)
 ADAMP_ENTRIES(float, f32)
 ADAMP_ENTRIES(double, f64)
 ADAMP_ENTRIES(__nv_bfloat16, bf16)

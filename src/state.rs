@@ -377,7 +377,7 @@ pub fn dynamic_map(signed: bool) -> [f32; 256] {
 }
 
 /// Points of the quantizer's grid over [−1, 1].
-const GRID: usize = 65536;
+pub(crate) const GRID: usize = 65536;
 
 /// One dynamic map with bitsandbytes' CPU quantizer: values are snapped to a 65,536-point grid
 /// over [−1, 1] and each grid point goes to its nearest code (ALGORITHMS.md §12.1).

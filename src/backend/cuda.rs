@@ -2,8 +2,12 @@
 //! candle device's own stream.
 //!
 //! A launch covers up to [`MAX_TENSORS`] tensors: the host builds a table of their device
-//! pointers, lengths and step scalars ([`Entry`], the `TensorEntry` of `kernels/common.cuh`)
-//! and a table mapping blocks to chunks of [`CHUNK`] elements, uploads both and launches once.
+//! pointers, lengths, state formats and step scalars ([`Entry`], the `TensorEntry` of
+//! `kernels/common.cuh`) and a table mapping blocks to chunks of [`CHUNK`] elements, uploads
+//! both and launches once. Tensors whose state is all in the math type, without stochastic
+//! rounding, take a kernel's plain entry point; the others (state in bf16 or 8 bits, bf16
+//! parameters rounded stochastically) its `_fmt_` one, which reads the 8-bit maps and LUTs
+//! from a table uploaded once per device ([`quantizer_table`]).
 //! Parameters and state are mutated only through candle's in-place ops: one nested
 //! `inplace_op1` per tensor holds `&mut` to its storage (and with it cudarc's write tracking)
 //! while the launch is enqueued; gradients are read under their read locks.
@@ -12,26 +16,36 @@ use super::Work;
 use crate::algorithm::{Kernel, KernelParams};
 use crate::error::{Error, Result};
 use crate::reduce::{GradStats, ReduceParams};
-use crate::state::StateTensor;
+use crate::state::{quantizer, StateTensor, BLOCK};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
+use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::{
     bail, CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor,
 };
 use std::cell::RefCell;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 pub(crate) use super::kernel_abi::{CHUNK, THREADS};
-use super::kernel_abi::{ENTRY_BYTES, MAX_SLOTS, PARAM_BYTES};
+use super::kernel_abi::{
+    ENTRY_BYTES, FLAG_SR, FMT_BF16, FMT_FULL, FMT_Q8, MAX_SLOTS, PARAM_BYTES, QTAB_BYTES, QTAB_LUT,
+};
 
-/// Tensors per launch. Each holds a nested in-place op (one per parameter and slot) while the
-/// launch is enqueued; this bounds that nesting. GPT-2 small (148 tensors) takes 3 launches.
+/// Tensors per launch. Each holds a nested in-place op (one per parameter and state tensor)
+/// while the launch is enqueued; this and [`MAX_HELD`] bound that nesting. GPT-2 small (148
+/// tensors) takes 3 launches.
 pub(crate) const MAX_TENSORS: usize = 64;
 
+/// Tensors held (nested in-place ops) per launch: as many as [`MAX_TENSORS`] parameters with
+/// [`MAX_SLOTS`] dense slots each. 8-bit slots hold two tensors (codes and absmax), so their
+/// launches take fewer parameters.
+pub(crate) const MAX_HELD: usize = MAX_TENSORS * (1 + MAX_SLOTS);
+
 /// Generates [`ptx`] from the table of algorithms (`crate::registry::algorithm_table!`): one
-/// embedded module per line's `module` (`kernels/<module>.cu`), plus the reductions.
+/// embedded module per line's `module` (`kernels/<module>.cu`), plus the reductions and the
+/// state codec (`kernels/codec.cu`).
 macro_rules! ptx_table {
     ($($variant:ident: $module:ident::$config:ident as $alias:ident, $doc:literal;)*) => {
         /// The PTX of a kernel module, compiled by `build.rs`.
@@ -43,6 +57,7 @@ macro_rules! ptx_table {
                     }
                 )*
                 "reduce" => include_str!(concat!(env!("OUT_DIR"), "/reduce.ptx")),
+                "codec" => include_str!(concat!(env!("OUT_DIR"), "/codec.ptx")),
                 other => return Err(Error::Unsupported(format!("no CUDA module `{other}`"))),
             })
         }
@@ -71,6 +86,18 @@ pub(crate) struct Entry {
     pub rows: u64,
     pub row_len: u64,
     pub off: u64,
+    /// Per 8-bit slot, its f32 absmax per block of 256 elements.
+    pub absmax: [u64; MAX_SLOTS],
+    /// The device's quantizer table ([`quantizer_table`]) when a slot is 8-bit.
+    pub qtab: u64,
+    /// The stochastic-rounding stream (with [`FLAG_SR`]).
+    pub key: u64,
+    /// Byte `k`: slot `k`'s format ([`FMT_FULL`], [`FMT_BF16`], [`FMT_Q8`]); 0 when every
+    /// slot is in the math type.
+    pub fmt: u32,
+    /// Bit `k`: slot `k` uses the signed map; [`FLAG_SR`]: the (bf16) parameter is written
+    /// back with stochastic rounding.
+    pub flags: u32,
     /// The kernel's parameter struct, as bytes ([`Entry::set_params`]).
     params: [u8; PARAM_BYTES],
 }
@@ -85,6 +112,11 @@ impl Default for Entry {
             rows: 0,
             row_len: 0,
             off: 0,
+            absmax: [0; MAX_SLOTS],
+            qtab: 0,
+            key: 0,
+            fmt: 0,
+            flags: 0,
             params: [0; PARAM_BYTES],
         }
     }
@@ -92,7 +124,7 @@ impl Default for Entry {
 
 /// Words per [`Entry`] as uploaded (`TensorEntry` is `CO_ENTRY_BYTES`, from the same constant).
 const ENTRY_WORDS: usize = ENTRY_BYTES / 8;
-const _: () = assert!(ENTRY_WORDS * 8 == 8 * (2 + MAX_SLOTS + 4) + PARAM_BYTES);
+const _: () = assert!(ENTRY_WORDS * 8 == 8 * (2 + MAX_SLOTS + 4 + MAX_SLOTS + 3) + PARAM_BYTES);
 
 impl Entry {
     /// Puts `params` in the parameter area, where the kernel reads it as its C struct (every
@@ -101,10 +133,31 @@ impl Entry {
         params.write_bytes(&mut self.params);
     }
 
+    /// An entry of `n` elements, every pointer 0.
+    pub(crate) fn of_len(n: u64) -> Self {
+        Entry {
+            n,
+            ..Default::default()
+        }
+    }
+
+    /// Whether the tensor needs the kernels' general path (`<stem>_fmt_<dtype>`): a slot not
+    /// in the math type, or stochastic rounding.
+    pub(crate) fn needs_fmt(&self) -> bool {
+        self.fmt != FMT_FULL || self.flags & FLAG_SR != 0
+    }
+
     fn push_to(&self, out: &mut Vec<u64>) {
         out.extend([self.p, self.g]);
         out.extend(self.s);
         out.extend([self.n, self.rows, self.row_len, self.off]);
+        out.extend(self.absmax);
+        out.extend([self.qtab, self.key]);
+        // `unsigned int fmt, flags;`: fmt at the lower address.
+        let mut w = [0u8; 8];
+        w[..4].copy_from_slice(&self.fmt.to_ne_bytes());
+        w[4..].copy_from_slice(&self.flags.to_ne_bytes());
+        out.push(u64::from_ne_bytes(w));
         let (words, rest) = self.params.as_chunks::<8>();
         debug_assert!(rest.is_empty());
         out.extend(words.iter().map(|w| u64::from_ne_bytes(*w)));
@@ -306,6 +359,10 @@ impl InplaceOp1 for MutPtr<'_, '_, '_> {
                 let (p, r) = x.device_ptr_mut(&stream);
                 (p, r, 2)
             }
+            CudaStorageSlice::U8(x) => {
+                let (p, r) = x.device_ptr_mut(&stream);
+                (p, r, 1)
+            }
             _ => bail!("candle-optim: unsupported CUDA dtype"),
         };
         self.ptrs.borrow_mut().push(ptr + offset_bytes(l, elem)?);
@@ -316,35 +373,150 @@ impl InplaceOp1 for MutPtr<'_, '_, '_> {
     }
 }
 
-/// Fills the tensor table of `ws` (pointers, lengths, step scalars) and runs `body` with it
-/// while every parameter and slot is held for writing and every gradient for reading.
+/// The compute (and full-precision state) dtype of a parameter dtype.
+fn math_dtype(param: DType) -> DType {
+    if param == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Whether `w` needs the kernels' general path: a slot not in the math type, or a bf16
+/// parameter written back stochastically (see [`Entry::needs_fmt`]).
+pub(crate) fn needs_fmt<K>(w: &Work<'_, K>) -> bool {
+    let full = math_dtype(w.param.dtype());
+    (w.rounding.is_some() && w.param.dtype() == DType::BF16)
+        || w.slots.iter().any(|s| match s {
+            StateTensor::Dense(t) => t.dtype() != full,
+            StateTensor::Blockwise8 { .. } => true,
+        })
+}
+
+/// Tensors [`with_entries`] holds for `w`: the parameter and every state tensor.
+pub(crate) fn held_tensors<K>(w: &Work<'_, K>) -> usize {
+    1 + w.slots.iter().map(|s| s.tensors().len()).sum::<usize>()
+}
+
+/// The quantizer table the kernels read for 8-bit state: the signed and the unsigned dynamic
+/// maps (256 f32 each), then their LUTs (65,536 codes each, [`QTAB_LUT`]); `crate::state`'s
+/// quantizers, byte for byte.
+fn quantizer_bytes() -> Vec<u8> {
+    let mut out = Vec::with_capacity(QTAB_BYTES);
+    for signed in [true, false] {
+        for x in quantizer(signed).map {
+            out.extend(x.to_le_bytes()); // the device is little-endian
+        }
+    }
+    debug_assert_eq!(out.len(), QTAB_LUT);
+    for signed in [true, false] {
+        out.extend_from_slice(&quantizer(signed).lut[..]);
+    }
+    debug_assert_eq!(out.len(), QTAB_BYTES);
+    out
+}
+
+/// The quantizer table on `dev` ([`quantizer_bytes`]), uploaded on its stream at the first
+/// launch with 8-bit state and kept for the process (133 KB per candle device; keyed by the
+/// device, not the ordinal, so it is only ever read on the stream that wrote it).
+fn quantizer_table(dev: &CudaDevice) -> Result<Arc<CudaSlice<u8>>> {
+    type Tables = Mutex<HashMap<DeviceId, Arc<CudaSlice<u8>>>>;
+    static TABLES: OnceLock<Tables> = OnceLock::new();
+    let mut tables = TABLES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = tables.get(&dev.id()) {
+        return Ok(t.clone());
+    }
+    let t = Arc::new(dev.cuda_stream().clone_htod(&quantizer_bytes()).w()?);
+    tables.insert(dev.id(), t.clone());
+    Ok(t)
+}
+
+/// Checks the storage of `w`'s slots against its parameter (the kernels index them by the
+/// parameter's length): dense slots of its length in the math type or bf16, 8-bit slots with
+/// u8 codes of its length and one f32 absmax per 256 elements.
+fn check_slots<K>(w: &Work<'_, K>) -> Result<()> {
+    let n = w.param.elem_count();
+    let full = math_dtype(w.param.dtype());
+    if w.slots.len() > MAX_SLOTS {
+        return Err(Error::Unsupported(format!(
+            "{} state slots (CUDA kernels take at most {MAX_SLOTS})",
+            w.slots.len()
+        )));
+    }
+    for s in w.slots {
+        let ok = match s {
+            StateTensor::Dense(t) => {
+                (t.dtype() == full || t.dtype() == DType::BF16) && t.elem_count() == n
+            }
+            StateTensor::Blockwise8 { codes, absmax, .. } => {
+                codes.dtype() == DType::U8
+                    && codes.elem_count() == n
+                    && absmax.dtype() == DType::F32
+                    && absmax.elem_count() == n.div_ceil(BLOCK)
+            }
+        };
+        if !ok {
+            return Err(Error::Unsupported(format!(
+                "{} state slot does not match its {:?} parameter of {n} elements",
+                s.format_name(),
+                w.param.dtype()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Fills the tensor table of `ws` (pointers, lengths, state formats, step scalars) and runs
+/// `body` with it while every parameter and state tensor is held for writing and every
+/// gradient for reading.
 pub(crate) fn with_entries<K: Kernel>(
     ws: &[&Work<'_, K>],
     stream: &Arc<CudaStream>,
     body: &mut dyn FnMut(&mut [Entry]) -> Result<()>,
 ) -> Result<()> {
+    with_entries_and(ws, &[], stream, &mut |entries, _| body(entries))
+}
+
+/// What [`with_entries_and`] runs: the table, and the pointers of the extra tensors.
+type EntriesBody<'f> = dyn FnMut(&mut [Entry], &[u64]) -> Result<()> + 'f;
+
+/// [`with_entries`], also holding `extra` (distinct storages of the same device) for writing:
+/// `body` gets their pointers too.
+pub(crate) fn with_entries_and<K: Kernel>(
+    ws: &[&Work<'_, K>],
+    extra: &[&Tensor],
+    stream: &Arc<CudaStream>,
+    body: &mut EntriesBody<'_>,
+) -> Result<()> {
     let grads: Vec<&Tensor> = ws.iter().map(|w| w.grad).collect();
     let mut held: Vec<&Tensor> = Vec::new();
+    let mut q8 = false;
     for w in ws {
+        check_slots(w)?;
         held.push(w.param);
         for s in w.slots {
-            match s {
-                StateTensor::Dense(t) if t.dtype() != DType::BF16 => held.push(t),
-                _ => {
-                    return Err(Error::Unsupported(format!(
-                        "{} optimizer state on CUDA is not supported yet",
-                        s.format_name()
-                    )))
-                }
-            }
-        }
-        if w.rounding.is_some() {
-            return Err(Error::Unsupported(
-                "stochastic rounding of parameters on CUDA is not supported yet".into(),
-            ));
+            q8 |= matches!(s, StateTensor::Blockwise8 { .. });
+            held.extend(s.tensors());
         }
     }
+    let ours = held.len();
+    held.extend(extra);
+    let qtab = match (q8, ws.first()) {
+        (true, Some(w)) => Some(quantizer_table(cuda_device(w.param)?)?),
+        _ => None,
+    };
     with_read_ptrs(&grads, stream, |gptrs| {
+        // Read by the launches `body` enqueues; the record drops after them.
+        let (qptr, _qrec) = match &qtab {
+            Some(t) => {
+                let (p, r) = t.device_ptr(stream);
+                (p, Some(r))
+            }
+            None => (0, None),
+        };
         with_mut_ptrs(&held, &mut |mptrs| {
             let mut entries = Vec::with_capacity(ws.len());
             let mut k = 0;
@@ -356,14 +528,34 @@ pub(crate) fn with_entries<K: Kernel>(
                     ..Default::default()
                 };
                 k += 1;
-                for slot in e.s.iter_mut().take(w.slots.len()) {
-                    *slot = mptrs[k];
+                let full = math_dtype(w.param.dtype());
+                for (j, slot) in w.slots.iter().enumerate() {
+                    e.s[j] = mptrs[k];
                     k += 1;
+                    let f = match slot {
+                        StateTensor::Dense(t) if t.dtype() == full => FMT_FULL,
+                        StateTensor::Dense(_) => FMT_BF16,
+                        StateTensor::Blockwise8 { signed, .. } => {
+                            e.absmax[j] = mptrs[k];
+                            k += 1;
+                            e.qtab = qptr;
+                            if *signed {
+                                e.flags |= 1 << j;
+                            }
+                            FMT_Q8
+                        }
+                    };
+                    e.fmt |= f << (8 * j);
+                }
+                if let (Some(key), DType::BF16) = (w.rounding, w.param.dtype()) {
+                    e.flags |= FLAG_SR;
+                    e.key = key;
                 }
                 e.set_params(&w.kernel.params());
                 entries.push(e);
             }
-            body(&mut entries)
+            debug_assert_eq!(k, ours);
+            body(&mut entries, &mptrs[ours..])
         })
     })
 }
@@ -385,26 +577,46 @@ pub(crate) fn by_device<T: Copy>(
     out.into_iter().map(|(_, v)| v).collect()
 }
 
-/// The tensors of `items` with elements, by parameter dtype, in launches of at most
-/// [`MAX_TENSORS`].
+/// The tensors of `items` with elements, by parameter dtype and by [`needs_fmt`] (so each
+/// launch runs one entry point), in launches of at most [`MAX_TENSORS`] tensors and
+/// [`MAX_HELD`] held tensors ([`held_tensors`]).
 pub(crate) fn launches<'a, 'b, K: Kernel>(
     items: &'a [Work<'b, K>],
 ) -> Vec<(DType, Vec<&'a Work<'b, K>>)> {
+    launches_by(items, held_tensors)
+}
+
+/// [`launches`] with `cost(w)` tensors held per item.
+pub(crate) fn launches_by<'a, 'b, K: Kernel>(
+    items: &'a [Work<'b, K>],
+    cost: impl Fn(&Work<'b, K>) -> usize,
+) -> Vec<(DType, Vec<&'a Work<'b, K>>)> {
     let mut out = Vec::new();
     for dt in [DType::F32, DType::BF16, DType::F16, DType::F64] {
-        let sel: Vec<&Work<'_, K>> = items
-            .iter()
-            .filter(|w| w.param.dtype() == dt && w.param.elem_count() > 0)
-            .collect();
-        for c in sel.chunks(MAX_TENSORS) {
-            out.push((dt, c.to_vec()));
+        for fmt in [false, true] {
+            let mut cur: Vec<&Work<'_, K>> = Vec::new();
+            let mut held = 0;
+            for w in items.iter().filter(|w| {
+                w.param.dtype() == dt && w.param.elem_count() > 0 && needs_fmt(w) == fmt
+            }) {
+                let c = cost(w);
+                if !cur.is_empty() && (cur.len() == MAX_TENSORS || held + c > MAX_HELD) {
+                    out.push((dt, std::mem::take(&mut cur)));
+                    held = 0;
+                }
+                cur.push(w);
+                held += c;
+            }
+            if !cur.is_empty() {
+                out.push((dt, cur));
+            }
         }
     }
     out
 }
 
 /// The default CUDA update: the module's element-wise kernel over every tensor, one launch per
-/// dtype and [`MAX_TENSORS`] tensors.
+/// dtype, path and [`MAX_TENSORS`] tensors.
 pub(crate) fn elementwise<K: Kernel>(items: &[Work<'_, K>]) -> Result<()> {
     for (dt, ws) in launches(items) {
         launch_elementwise(&ws, dt, K::CUDA_MODULE, K::CUDA_MODULE)?;
@@ -412,7 +624,9 @@ pub(crate) fn elementwise<K: Kernel>(items: &[Work<'_, K>]) -> Result<()> {
     Ok(())
 }
 
-/// One launch of `module`'s element-wise kernel `<stem>_<dtype>` over `ws` (all of dtype `dt`).
+/// One launch of `module`'s element-wise kernel over `ws` (all of dtype `dt`):
+/// `<stem>_<dtype>` when every tensor keeps its state in the math type without stochastic
+/// rounding, else `<stem>_fmt_<dtype>` (the general path, which takes any tensor).
 pub(crate) fn launch_elementwise<K: Kernel>(
     ws: &[&Work<'_, K>],
     dt: DType,
@@ -424,18 +638,29 @@ pub(crate) fn launch_elementwise<K: Kernel>(
     };
     let dev = cuda_device(first.param)?;
     let stream = dev.cuda_stream();
-    let func = function(dev, module, &format!("{stem}_{}", dtype_suffix(dt)?))?;
+    let sfx = dtype_suffix(dt)?;
     let n: Vec<u64> = ws.iter().map(|w| w.param.elem_count() as u64).collect();
     let (blocks, _) = block_table(&n, CHUNK as u64);
     with_entries(ws, &stream, &mut |entries| {
+        // Chosen from the table itself: the plain entry point reads every slot as the math
+        // type and never rounds stochastically, so it gets only tensors that need neither.
+        let name = if entries.iter().any(Entry::needs_fmt) {
+            format!("{stem}_fmt_{sfx}")
+        } else {
+            format!("{stem}_{sfx}")
+        };
+        let func = function(dev, module, &name)?;
         let table = upload_table(&stream, entries)?;
         for (blocks_d, nb) in upload_blocks(&stream, &blocks)? {
             let mut b = stream.launch_builder(&func);
             b.arg(&table).arg(&blocks_d);
             // SAFETY: the kernel's signature is (const TensorEntry*, const BlockEntry*); the
-            // table holds pointers to tensors of `n` elements that stay held (params and slots
-            // exclusively, grads shared) until the launches are enqueued, and each block
-            // touches only its own chunk within `n`.
+            // table holds pointers to tensors of `n` elements that stay held (params and state
+            // exclusively, grads shared, the quantizer table read) until the launches are
+            // enqueued, and each block touches only its own chunk within `n`. Slot storage
+            // matches each entry's formats and lengths (`check_slots`: 8-bit codes of `n`
+            // bytes, absmax of ceil(n/256) f32), and the plain entry point gets only entries
+            // whose slots are all in the math type without stochastic rounding (above).
             unsafe { b.launch(grid(nb)) }.w()?;
         }
         Ok(())

@@ -908,11 +908,12 @@ impl Q8Spec {
             flip_slack: f64_field(&tol["flip_slack"], "tolerance.flip_slack")?,
             bnb,
         };
-        if !(spec.absmax_rtol > 0.0 && spec.absmax_rtol < 1e-3)
-            || !(0.0..0.01).contains(&spec.code_flip_frac)
-            || spec.code_max_level_diff > 1
-            || !(0.0..=16.0).contains(&spec.flip_slack)
-        {
+        let in_range = spec.absmax_rtol > 0.0
+            && spec.absmax_rtol < 1e-3
+            && (0.0..0.01).contains(&spec.code_flip_frac)
+            && spec.code_max_level_diff <= 1
+            && (0.0..=16.0).contains(&spec.flip_slack);
+        if !in_range {
             return Err("8-bit tolerance out of range".into());
         }
         // The quantized set must be what the threshold gives.
