@@ -242,10 +242,10 @@ impl Algo {
     /// PyTorch's implementation switches (`foreach`, `fused`, `capturable`, `differentiable`).
     ///
     /// Three keys choose how the state is kept, for every algorithm: `state_format`
-    /// (`"f32"`, `"bf16"` or `"blockwise8"`, see [`StateFormat`](crate::StateFormat)),
+    /// (`"f32"`, `"bf16"` or `"blockwise8"`, see [`StateFormat`]),
     /// `min_8bit_size` (blockwise8 only, default 4096) and `stochastic_rounding_seed` (bf16
     /// parameters written back with stochastic rounding, see
-    /// [`ParamRounding`](crate::ParamRounding)).
+    /// [`ParamRounding`]).
     ///
     /// ```
     /// # use candle_core::{Device, DType, Var};
