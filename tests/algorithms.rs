@@ -1,5 +1,7 @@
 //! Behaviour specific to one algorithm, where the official code is silent or crashes.
 
+mod common;
+
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_optim::{Algo, Error, GsnrMode, Lion, LionConfig, Sgd, SgdConfig, SgdSai, SgdSaiConfig};
@@ -133,19 +135,6 @@ fn lion_sign_of_zero_is_zero() {
     assert!((now[2] - (got[2] * 0.95 + 0.1)).abs() < 1e-6);
 }
 
-/// Deterministic pseudo-random values in [-1, 1).
-fn uniform(seed: u64, n: usize) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 /// One parameter of the f64 reference of `torch.optim.SGD` (`_single_tensor_sgd`).
 struct SgdRef {
     p: Vec<f64>,
@@ -224,7 +213,7 @@ fn sgd_matches_an_f64_reference_of_torch_sgd() {
         let vars: Vec<Var> = sizes
             .iter()
             .enumerate()
-            .map(|(i, &n)| var(&uniform(10 + i as u64, n)))
+            .map(|(i, &n)| var(&common::values(10 + i as u64, n)))
             .collect();
         let mut refs: Vec<SgdRef> = vars
             .iter()
@@ -248,7 +237,7 @@ fn sgd_matches_an_f64_reference_of_torch_sgd() {
                 if i == 1 && step == 1 {
                     continue;
                 }
-                let gv = uniform(100 * step + i as u64, v.elem_count());
+                let gv = common::values(100 * step + i as u64, v.elem_count());
                 g.insert(
                     v.as_tensor(),
                     Tensor::new(gv.as_slice(), &Device::Cpu).unwrap(),

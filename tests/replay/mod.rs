@@ -729,16 +729,7 @@ pub fn run_trace(bytes: &[u8], device: &Device) -> Res<(String, Outcome, State)>
                     .ok_or(format!("no optimizer state for {key}"))?;
                 let (flips, err) = spec.compare(&state, key, t, &tensors)?;
                 if err > 1.0 {
-                    return Ok((
-                        name,
-                        Outcome::Failed {
-                            step: t,
-                            param: i,
-                            err,
-                            what: "8-bit state".into(),
-                        },
-                        Vec::new(),
-                    ));
+                    return Ok(failed(name, t, i, err, "8-bit state".into()));
                 }
                 worst = worst.max(err);
                 flipped[i] |= flips;
@@ -768,16 +759,7 @@ pub fn run_trace(bytes: &[u8], device: &Device) -> Res<(String, Outcome, State)>
             let err = rule.error(i, t, &x, &r);
             worst = worst.max(err);
             if err > 1.0 {
-                return Ok((
-                    name,
-                    Outcome::Failed {
-                        step: t,
-                        param: i,
-                        err,
-                        what: String::new(),
-                    },
-                    Vec::new(),
-                ));
+                return Ok(failed(name, t, i, err, String::new()));
             }
         }
         if restarts.contains(&(t as u64)) {
@@ -1057,4 +1039,24 @@ impl Q8Spec {
         }
         Ok((flipped, worst))
     }
+}
+
+/// A failed case's outcome.
+fn failed(
+    name: String,
+    step: usize,
+    param: usize,
+    err: f64,
+    what: String,
+) -> (String, Outcome, State) {
+    (
+        name,
+        Outcome::Failed {
+            step,
+            param,
+            err,
+            what,
+        },
+        Vec::new(),
+    )
 }
