@@ -26,7 +26,8 @@ fn main() {
     });
     let (passed, failed, skipped, _) = replay::run_all(&files, &Device::Cpu, true);
     println!("conformance: {passed} passed, {failed} failed, {skipped} skipped");
-    let damaged_ok = damaged_traces_fail(&dirs[0].join("adamw_pub_defaults.safetensors"));
+    let damaged_ok = damaged_traces_fail(&dirs[0].join("adamw_pub_defaults.safetensors"))
+        & damaged_q8_traces_fail(&dirs[0].join("q8_sgd_sai_pub_defaults.safetensors"));
     if failed > 0 || passed + failed + skipped == 0 || !damaged_ok {
         std::process::exit(1);
     }
@@ -123,6 +124,65 @@ fn damaged_traces_fail(file: &Path) -> bool {
             println!("damaged-trace check ({what}): as expected, {how}");
         } else {
             println!("damaged-trace check ({what}): FAILED: {how}");
+            ok = false;
+        }
+    }
+    ok
+}
+
+/// Damaged copies of an 8-bit trace: a code moved by two levels, an absmax off by 0.1%, a codes
+/// tensor missing must each fail; the undamaged copy must pass.
+fn damaged_q8_traces_fail(file: &Path) -> bool {
+    let bytes = std::fs::read(file).expect("read the trace");
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).expect("trace header");
+    let info: HashMap<String, String> = header.metadata().clone().expect("metadata");
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).expect("tensors");
+    type Damage = Box<dyn Fn(&mut HashMap<String, Tensor>)>;
+    let bump = |name: &'static str, f: fn(&Tensor) -> Tensor| -> Damage {
+        Box::new(move |t: &mut HashMap<String, Tensor>| {
+            let x = f(&t[name]);
+            t.insert(name.to_string(), x);
+        })
+    };
+    let cases: Vec<(&str, bool, Damage)> = vec![
+        ("undamaged", true, Box::new(|_| {})),
+        (
+            "a code two levels off",
+            false,
+            bump("p0.state0.codes.3", |x| {
+                let mut v = x.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+                v[5] = if v[5] < 128 { v[5] + 2 } else { v[5] - 2 };
+                Tensor::from_vec(v, x.shape(), &Device::Cpu).unwrap()
+            }),
+        ),
+        (
+            "an absmax 0.1% off",
+            false,
+            bump("p0.state0.absmax.2", |x| x.affine(1.001, 0.0).unwrap()),
+        ),
+        (
+            "a codes tensor missing",
+            false,
+            Box::new(|t| {
+                t.remove("p0.state0.codes.4");
+            }),
+        ),
+    ];
+    let mut ok = true;
+    for (what, should_pass, damage) in cases {
+        let mut t = tensors.clone();
+        damage(&mut t);
+        let bytes =
+            safetensors::serialize(t.iter().map(|(k, v)| (k.as_str(), v)), Some(info.clone()))
+                .expect("serialize");
+        let passed = matches!(
+            replay::run_trace(&bytes, &Device::Cpu),
+            Ok((_, replay::Outcome::Passed(_), _))
+        );
+        if passed == should_pass {
+            println!("damaged 8-bit trace ({what}): as expected");
+        } else {
+            println!("damaged 8-bit trace ({what}): FAILED");
             ok = false;
         }
     }
