@@ -10,7 +10,9 @@
 //!   parameter and the state in place (`Tensor::slice_set`).
 //! * Newton–Schulz runs with candle's matmul on the parameters' device (cuBLAS on CUDA, gemm on
 //!   the CPU). The matrices of a group with the same shape and device are stacked, so each
-//!   iteration is one batched matmul per distinct shape.
+//!   iteration is one batched matmul per distinct shape (in batches of at most 32 MiB of input,
+//!   each blended, orthogonalized and applied before the next, so a step's scratch memory does
+//!   not grow with the model).
 
 use super::{cpu, Work};
 use crate::algorithm::{
@@ -83,18 +85,15 @@ pub(crate) fn update<K: Kernel>(items: &[Work<'_, K>]) -> Result<()> {
     if !aux.is_empty() {
         super::update(&aux)?;
     }
-    // Pass 1 for every matrix, before any Newton–Schulz (the inputs are stacked by shape).
-    let mut inputs = Vec::with_capacity(orth.len());
-    for o in &orth {
-        inputs.push(blend(o)?);
-    }
-    // Batches of equal shape, device and Newton–Schulz configuration, in first-seen order.
+    // Batches of equal shape, device and Newton–Schulz configuration, in first-seen order, of
+    // at most BATCH_BYTES of input each: a batch runs pass 1, Newton–Schulz and pass 2 before
+    // the next one starts, so the step's scratch memory is bounded by the batch, not the model.
     let mut done = vec![false; orth.len()];
     for i in 0..orth.len() {
         if done[i] {
             continue;
         }
-        let batch: Vec<usize> = (i..orth.len())
+        let same: Vec<usize> = (i..orth.len())
             .filter(|&j| {
                 !done[j]
                     && orth[j].w.shape == orth[i].w.shape
@@ -106,16 +105,29 @@ pub(crate) fn update<K: Kernel>(items: &[Work<'_, K>]) -> Result<()> {
                         .same_device(orth[i].w.param.device())
             })
             .collect();
-        let us: Vec<&Tensor> = batch.iter().map(|&j| &inputs[j]).collect();
-        let out = newton_schulz(&us, &orth[i].ns)?;
-        for (bi, &j) in batch.iter().enumerate() {
-            let o = out.get(bi)?;
-            apply_update(&orth[j], &o)?;
-            done[j] = true;
+        let bytes = orth[i].w.shape.elem_count().max(1) * 4;
+        for batch in same.chunks((BATCH_BYTES / bytes).max(1)) {
+            let inputs = batch
+                .iter()
+                .map(|&j| blend(&orth[j]))
+                .collect::<Result<Vec<_>>>()?;
+            let us: Vec<&Tensor> = inputs.iter().collect();
+            let out = newton_schulz(&us, &orth[i].ns)?;
+            drop(inputs);
+            for (bi, &j) in batch.iter().enumerate() {
+                let o = out.get(bi)?;
+                apply_update(&orth[j], &o)?;
+                done[j] = true;
+            }
         }
     }
     Ok(())
 }
+
+/// The most Newton–Schulz input (f32 bytes) one batched iteration stacks: large enough that the
+/// batched matmuls stay efficient, small enough that the scratch of a step (the stacked input
+/// and a few intermediates of its size) stays a fixed amount, whatever the model.
+const BATCH_BYTES: usize = 32 << 20;
 
 /// Pass 1: updates the momentum buffer in place and returns the Newton–Schulz input U.
 fn blend<K: Kernel>(o: &Orth<'_, K>) -> Result<Tensor> {
