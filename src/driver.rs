@@ -756,17 +756,15 @@ impl<A: Algorithm> Optim<A> {
     ) -> Result<()> {
         let mut grad_it = present.iter();
         let mut k = 0;
-        let mut index = 0;
         for group in &self.groups {
             let mut work = Vec::with_capacity(group.params.len());
             for p in &group.params {
-                index += 1;
                 let Some(Some(grad)) = grad_it.next() else {
                     continue;
                 };
                 let rounding = match self.rounding {
                     ParamRounding::Stochastic { seed } if p.var.dtype() == DType::BF16 => {
-                        Some(rounding_key(seed, index - 1, p.t + 1))
+                        Some(rounding_key(seed, &p.name, p.t + 1))
                     }
                     _ => None,
                 };

@@ -506,10 +506,14 @@ pub(crate) fn random_bits(key: u64, index: u64) -> u32 {
 }
 
 /// The stream of one parameter's stochastic rounding at one of its updates: a function of the
-/// optimizer's seed, the parameter's position and its update count, so a resumed run draws
-/// the same bits.
-pub(crate) fn rounding_key(seed: u64, param: usize, t: u64) -> u64 {
-    let a = random_bits(seed, param as u64) as u64;
+/// optimizer's seed, the parameter's name (FNV-1a) and its update count, so a resumed run, or
+/// the same model built in another order, draws the same bits.
+pub(crate) fn rounding_key(seed: u64, name: &str, t: u64) -> u64 {
+    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    let a = random_bits(seed, h) as u64;
     let b = random_bits(seed.rotate_left(32) ^ 0xA076_1D64_78BD_642F, t) as u64;
     (a << 32 | b) ^ t.wrapping_mul(0xE703_7ED1_A0B4_28DB)
 }
@@ -523,7 +527,8 @@ pub enum ParamRounding {
     Nearest,
     /// Stochastic rounding with a counter-based generator seeded by `seed`: unbiased, so small
     /// updates accumulate in bf16 weights without an f32 master copy; the same seed gives the
-    /// same run bit for bit, and the position is the parameters' update counts (checkpointed).
+    /// same run bit for bit (each parameter's stream is keyed by its name and update count, both
+    /// checkpointed).
     /// Applies to bf16 parameters; others round as usual.
     Stochastic {
         /// The generator's seed.
