@@ -46,6 +46,9 @@ pub trait Real:
     fn is_finite(self) -> bool;
     /// The vector of a CPU storage holding this type.
     fn cpu_vec_mut(s: &mut candle_core::CpuStorage) -> Option<&mut Vec<Self>>;
+    /// Runs `f` with this thread's scratch vector of this type (reused across calls; a fresh
+    /// one where a call on this thread already holds it).
+    fn with_scratch<R>(f: impl FnOnce(&mut Vec<Self>) -> R) -> R;
 
     /// `torch.maximum`: NaN if either side is NaN.
     #[inline(always)]
@@ -126,6 +129,16 @@ macro_rules! real {
                     candle_core::CpuStorage::$variant(v) => Some(v),
                     _ => None,
                 }
+            }
+            fn with_scratch<R>(f: impl FnOnce(&mut Vec<Self>) -> R) -> R {
+                thread_local! {
+                    static SCRATCH: std::cell::RefCell<Vec<$t>> =
+                        const { std::cell::RefCell::new(Vec::new()) };
+                }
+                SCRATCH.with(|cell| match cell.try_borrow_mut() {
+                    Ok(mut v) => f(&mut v),
+                    Err(_) => f(&mut Vec::new()),
+                })
             }
         }
     };

@@ -221,7 +221,9 @@ impl<K: Kernel, P: Elem> simd::Task for Blocks<'_, '_, K, P> {
 }
 
 /// Strategies that need whole tensors: decode every slot (and a stochastically rounded
-/// parameter) into scratch, run the full-precision update, encode.
+/// parameter) into scratch, run the full-precision update, encode. The scratch is kept per
+/// thread and reused from step to step (it grows to the largest such tensor), so a step does
+/// not allocate; a nested call on the same thread (a stolen rayon job) gets its own.
 fn whole<K: Kernel, P: Elem>(
     k: &K,
     p: &mut [P],
@@ -230,36 +232,41 @@ fn whole<K: Kernel, P: Elem>(
     shape: &Shape,
     rounding: Option<u64>,
 ) {
-    let n = p.len();
-    let z = <P::Math as Real>::ZERO;
-    let mut codecs = codecs;
-    let mut scratch: Vec<Vec<P::Math>> = Vec::with_capacity(codecs.len());
-    for c in codecs.iter() {
-        let mut buf = vec![z; n];
-        for (at, b) in (0..n).step_by(BLOCK).zip(buf.chunks_mut(BLOCK)) {
-            c.decode(at, b);
+    <P::Math as Real>::with_scratch(|scratch| {
+        let n = p.len();
+        let staged = if rounding.is_some() { 2 } else { 0 };
+        let len = n * (codecs.len() + staged);
+        if scratch.len() < len {
+            scratch.resize(len, <P::Math as Real>::ZERO);
         }
-        scratch.push(buf);
-    }
-    {
-        let slots: Slots<'_, P::Math> = scratch.iter_mut().map(|v| v.as_mut_slice()).collect();
-        match rounding {
-            None => <K::Execution as Execution<K>>::update_cpu(k, p, g, slots, shape),
-            Some(key) => {
-                let mut pb: Vec<P::Math> = p.iter().map(|x| x.load()).collect();
-                let gb: Vec<P::Math> = g.iter().map(|x| x.load()).collect();
-                <K::Execution as Execution<K>>::update_cpu::<P::Math>(
-                    k, &mut pb, &gb, slots, shape,
-                );
-                for (i, (dst, x)) in p.iter_mut().zip(&pb).enumerate() {
-                    *dst = P::store_stochastic(*x, random_bits(key, i as u64));
+        let (bufs, pg) = scratch[..len].split_at_mut(n * codecs.len());
+        let mut codecs = codecs;
+        for (c, buf) in codecs.iter().zip(bufs.chunks_mut(n.max(1))) {
+            for (at, b) in (0..n).step_by(BLOCK).zip(buf.chunks_mut(BLOCK)) {
+                c.decode(at, b);
+            }
+        }
+        {
+            let slots: Slots<'_, P::Math> = bufs.chunks_mut(n.max(1)).collect();
+            match rounding {
+                None => <K::Execution as Execution<K>>::update_cpu(k, p, g, slots, shape),
+                Some(key) => {
+                    let (pb, gb) = pg.split_at_mut(n);
+                    for ((pb, gb), (p, g)) in pb.iter_mut().zip(gb.iter_mut()).zip(p.iter().zip(g))
+                    {
+                        (*pb, *gb) = (p.load(), g.load());
+                    }
+                    <K::Execution as Execution<K>>::update_cpu::<P::Math>(k, pb, gb, slots, shape);
+                    for (i, (dst, x)) in p.iter_mut().zip(pb.iter()).enumerate() {
+                        *dst = P::store_stochastic(*x, random_bits(key, i as u64));
+                    }
                 }
             }
         }
-    }
-    for (c, buf) in codecs.iter_mut().zip(&scratch) {
-        for (at, b) in (0..n).step_by(BLOCK).zip(buf.chunks(BLOCK)) {
-            c.encode(at, b);
+        for (c, buf) in codecs.iter_mut().zip(bufs.chunks(n.max(1))) {
+            for (at, b) in (0..n).step_by(BLOCK).zip(buf.chunks(BLOCK)) {
+                c.encode(at, b);
+            }
         }
-    }
+    })
 }
