@@ -107,6 +107,14 @@ struct Args {
     /// bitsandbytes; tensors under 4096 elements keep f32 state).
     #[arg(long, default_value = "f32")]
     state_format: String,
+    /// The weights' dtype: f32, or bf16 (ResNet only; convolution kernels and the head stored
+    /// in bf16 and widened to f32 where used, BatchNorm in f32; no f32 master copy).
+    #[arg(long, default_value = "f32")]
+    weights: String,
+    /// Write bf16 weights back with stochastic rounding (seeded by --seed) instead of
+    /// round-to-nearest.
+    #[arg(long)]
+    stochastic_rounding: bool,
     /// Where --compare writes compare.md and compare.png.
     #[arg(long, default_value = "target/compare/cifar")]
     out: PathBuf,
@@ -153,12 +161,15 @@ impl ConvBn {
         };
         Ok(Self {
             conv: conv2d_no_bias(cin, cout, k, cfg, vb.pp("conv"))?,
-            bn: batch_norm(cout, 1e-5, vb.pp("bn"))?,
+            // BatchNorm's gains and running statistics stay f32 whatever the weights' dtype.
+            bn: batch_norm(cout, 1e-5, vb.pp("bn").set_dtype(DType::F32))?,
         })
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(x)?, train)
+        // The kernel widened to f32 where it is used (it may be stored in bf16).
+        let conv = Conv2d::new(nn::f32(self.conv.weight())?, None, *self.conv.config());
+        self.bn.forward_t(&conv.forward(x)?, train)
     }
 }
 
@@ -197,7 +208,7 @@ impl BasicBlock {
 struct ResNet {
     stem: ConvBn,
     blocks: Vec<BasicBlock>,
-    fc: Linear,
+    fc: nn::Lin,
 }
 
 impl ResNet {
@@ -221,7 +232,7 @@ impl ResNet {
         Ok(Self {
             stem: ConvBn::new(3, width, 3, 2, vb.pp("stem"))?,
             blocks,
-            fc: linear(cin, 10, vb.pp("fc"))?,
+            fc: nn::Lin::new(cin, 10, vb.pp("fc"))?,
         })
     }
 
@@ -304,9 +315,18 @@ impl Net {
 }
 
 /// Builds the network into a fresh VarMap and initialises it from `seed`.
-fn build(model: Model, width: usize, seed: u64, dev: &Device) -> Result<(VarMap, Net)> {
+fn build(
+    model: Model,
+    width: usize,
+    seed: u64,
+    dev: &Device,
+    weights: DType,
+) -> Result<(VarMap, Net)> {
+    if model == Model::Vit && weights != DType::F32 {
+        return Err("--weights bf16 is implemented for the ResNet only".into());
+    }
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    let vb = VarBuilder::from_varmap(&varmap, weights, dev);
     let net = match model {
         Model::Resnet => {
             let m = ResNet::new(width, vb)?;
@@ -503,6 +523,15 @@ fn describe(model: Model, w: usize) -> String {
     }
 }
 
+/// The dtype `--weights` names.
+fn weights_dtype(name: &str) -> Result<DType> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("--weights must be f32 or bf16, got {other:?}").into()),
+    }
+}
+
 fn width(args: &Args) -> usize {
     args.width.unwrap_or(match args.model {
         Model::Resnet => 16,
@@ -518,7 +547,13 @@ fn run_one(
     save: Option<PathBuf>,
     resume: Option<PathBuf>,
 ) -> Result<train::Outcome> {
-    let (mut varmap, net) = build(args.model, width(args), args.seed, dev)?;
+    let (mut varmap, net) = build(
+        args.model,
+        width(args),
+        args.seed,
+        dev,
+        weights_dtype(&args.weights)?,
+    )?;
     let lr = args.lr.unwrap_or_else(|| default_lr(args.model, algo));
     let mut opt = common::make_optimizer_with(
         algo,
@@ -526,7 +561,7 @@ fn run_one(
         lr,
         args.weight_decay,
         &args.state_format,
-        None,
+        args.stochastic_rounding.then_some(args.seed),
     )?;
     let test = match args.eval_size {
         Some(n) => data.test.head(n),
@@ -601,7 +636,13 @@ fn run(args: Args) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let (varmap, _) = build(args.model, width(&args), args.seed, &dev)?;
+    let (varmap, _) = build(
+        args.model,
+        width(&args),
+        args.seed,
+        &dev,
+        weights_dtype(&args.weights)?,
+    )?;
     println!(
         "Model: {} with {} parameters; {} steps of {} images{} on {:?}, seed {}.",
         describe(args.model, width(&args)),
