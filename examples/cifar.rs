@@ -595,6 +595,8 @@ fn run_one(
             "augment": args.augment,
             "lr": lr,
             "state_format": args.state_format,
+            "weights": args.weights,
+            "stochastic_rounding": args.stochastic_rounding,
             "weight_decay": args.weight_decay,
         }),
     };

@@ -387,6 +387,8 @@ fn run_one<'a>(
             "seed": args.seed,
             "lr": lr,
             "state_format": args.state_format,
+            "weights": args.weights,
+            "stochastic_rounding": args.stochastic_rounding,
             "weight_decay": args.weight_decay,
         }),
     };
