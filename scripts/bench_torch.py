@@ -13,7 +13,8 @@ bench is given --torch and a python with torch.
     python3 scripts/bench_torch.py --device cuda --set xl --steps 20
     python3 scripts/bench_torch.py --serve --set gpt2 --threads 2   # driven by examples/bench.rs
 
---variants keeps only some rows (adamw_fused, adamw_foreach, adamw_forloop, sgd_momentum, muon).
+--variants keeps only some rows (adamw_fused, adamw_foreach, adamw_forloop, sgd_momentum, muon,
+bnb_adamw8bit: bitsandbytes' AdamW8bit, when bitsandbytes is installed).
 With --serve it sets everything up (one step of each optimizer, so its state exists), prints
 one JSON line {"names": [...], "bytes": [...]}, and then answers each line "NAME K" on stdin
 with one untimed and K timed steps of that optimizer, printing their times as a JSON list: the
@@ -75,6 +76,12 @@ def main():
         ("torch_adamw_forloop", lambda: torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, foreach=False), 28),
         ("torch_sgd_momentum", lambda: torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=True), 20),
     ]
+    try:
+        import bitsandbytes as bnb  # 8-bit AdamW (its CPU backend), when installed
+
+        variants.append(("torch_bnb_adamw8bit", lambda: bnb.optim.AdamW8bit(params, lr=1e-4, weight_decay=0.01), 16))
+    except ImportError:
+        pass
     if hasattr(torch.optim, "Muon"):
         # The first two tensors of every set are the token and position embeddings.
         mats = [p for i, p in enumerate(params) if p.ndim == 2 and i >= 2]
