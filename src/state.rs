@@ -36,7 +36,10 @@ pub enum StateFormat {
     Bf16,
     /// 8-bit codes in blocks of 256 with an f32 absmax per block, bitsandbytes' dynamic maps
     /// (signed for slots that can be negative, unsigned for the others) and its CPU quantizer,
-    /// bit for bit. Tensors with fewer than `min_8bit_size` elements keep f32 state.
+    /// bit for bit. Tensors with fewer than `min_8bit_size` elements keep f32 state. The codes
+    /// cannot hold NaN or infinity: under [`crate::NonFinitePolicy::Propagate`] a non-finite
+    /// state value is stored as some finite code (the parameter still receives it in that
+    /// step); the default policy never lets one reach the state.
     Blockwise8 {
         /// The smallest tensor (in elements) whose state is 8-bit (bitsandbytes' default 4096).
         min_8bit_size: usize,
