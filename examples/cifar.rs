@@ -523,15 +523,6 @@ fn describe(model: Model, w: usize) -> String {
     }
 }
 
-/// The dtype `--weights` names.
-fn weights_dtype(name: &str) -> Result<DType> {
-    match name {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        other => Err(format!("--weights must be f32 or bf16, got {other:?}").into()),
-    }
-}
-
 fn width(args: &Args) -> usize {
     args.width.unwrap_or(match args.model {
         Model::Resnet => 16,
@@ -552,7 +543,7 @@ fn run_one(
         width(args),
         args.seed,
         dev,
-        weights_dtype(&args.weights)?,
+        common::weights_dtype(&args.weights)?,
     )?;
     let lr = args.lr.unwrap_or_else(|| default_lr(args.model, algo));
     let mut opt = common::make_optimizer_with(
@@ -643,7 +634,7 @@ fn run(args: Args) -> Result<()> {
         width(&args),
         args.seed,
         &dev,
-        weights_dtype(&args.weights)?,
+        common::weights_dtype(&args.weights)?,
     )?;
     println!(
         "Model: {} with {} parameters; {} steps of {} images{} on {:?}, seed {}.",

@@ -331,15 +331,6 @@ fn build(cfg: Config, seed: u64, dev: &Device, weights: DType) -> Result<(VarMap
     Ok((varmap, model))
 }
 
-/// The dtype `--weights` names.
-fn weights_dtype(args: &Args) -> Result<DType> {
-    match args.weights.as_str() {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        other => Err(format!("--weights must be f32 or bf16, got {other:?}").into()),
-    }
-}
-
 fn run_one<'a>(
     args: &Args,
     setup: &'a Setup,
@@ -348,7 +339,12 @@ fn run_one<'a>(
     save: Option<PathBuf>,
     resume: Option<PathBuf>,
 ) -> Result<(train::Outcome, LmTask<'a>)> {
-    let (mut varmap, model) = build(setup.cfg, args.seed, dev, weights_dtype(args)?)?;
+    let (mut varmap, model) = build(
+        setup.cfg,
+        args.seed,
+        dev,
+        common::weights_dtype(&args.weights)?,
+    )?;
     let lr = args.lr.unwrap_or_else(|| default_lr(algo, args.preset));
     let mut opt = common::make_optimizer_with(
         algo,
@@ -464,7 +460,7 @@ fn run(args: Args) -> Result<()> {
             )
         }
     );
-    let (varmap, _) = build(cfg, args.seed, &dev, weights_dtype(&args)?)?;
+    let (varmap, _) = build(cfg, args.seed, &dev, common::weights_dtype(&args.weights)?)?;
     println!(
         "Model: GPT-2-style, {n_layer} layers, {n_head} heads, width {n_embd}, context {}, \
          {} parameters (preset {:?}); {} steps of {}×{} tokens on {:?}, seed {}.",

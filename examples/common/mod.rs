@@ -239,6 +239,16 @@ pub fn human_bytes(b: usize) -> String {
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// The device named on the command line (`cpu`, `cuda` or `cuda:N`).
+/// The dtype a `--weights` option names: f32, or bf16 (weights stored in bf16, widened to f32
+/// where the layers use them).
+pub fn weights_dtype(name: &str) -> Result<DType> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("--weights must be f32 or bf16, got {other:?}").into()),
+    }
+}
+
 pub fn device(name: &str) -> Result<Device> {
     let ordinal = match name {
         "cpu" => return Ok(Device::Cpu),
