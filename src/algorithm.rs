@@ -19,7 +19,7 @@
 
 use crate::elem::{Elem, Real};
 use crate::error::Result;
-use crate::reduce::Reducer;
+use crate::reduce::{Collective, ReduceOp, Reducer};
 use arrayvec::ArrayVec;
 use candle_core::{Shape, Tensor};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -297,6 +297,21 @@ pub struct StepContext<'a, 'b, A: Algorithm> {
     pub grad_scale: f64,
     /// Gradient reductions on the parameters' device.
     pub reducer: &'a mut dyn Reducer,
+    /// The other ranks of a sharded optimizer ([`crate::dist::Sharded`]), which hold the other
+    /// parameters (or parts of them); `None` in a single process.
+    pub collective: Option<&'a dyn Collective>,
+}
+
+impl<A: Algorithm> StepContext<'_, '_, A> {
+    /// Combines `values` across the ranks of a sharded optimizer (nothing in a single process).
+    /// An algorithm whose `prepare` reduces over all parameters calls it on every rank, every
+    /// step it would in a single process, whether or not this rank holds any of them.
+    pub fn reduce_across_ranks(&self, values: &mut [f64], op: ReduceOp) -> Result<()> {
+        match self.collective {
+            Some(c) => c.all_reduce_scalars(values, op),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Implements the [`Algorithm`] accessors of a configuration with `lr` and `weight_decay`
@@ -370,6 +385,12 @@ pub trait Algorithm:
         let _ = rank;
         numel * (3 * param_bytes + 2 * 4 * self.slots().len())
     }
+
+    /// Whether `prepare` or the kernel needs each parameter whole (SGD-SaI's per-tensor
+    /// g-SNR): a sharded optimizer ([`crate::dist::Sharded`]) then gives every rank whole
+    /// tensors, as it does for every strategy other than [`ElementWise`], instead of flat
+    /// ranges.
+    const WHOLE_TENSORS: bool = false;
 
     /// Runs once per step, after the gradients were checked and before any parameter changes:
     /// the place for reductions over gradients (SGD-SaI's first-step g-SNR, Adan's global norm).

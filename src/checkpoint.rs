@@ -424,8 +424,8 @@ impl<A: Algorithm> Optim<A> {
                     Dtype::F32
                 };
                 let numel = p.var.elem_count();
-                let stored = gs.state_format.resolve(numel);
-                let target = g.format.resolve(numel);
+                let stored = gs.state_format.resolve(p.format_numel);
+                let target = g.format.resolve(p.format_numel);
                 let mut slots = Vec::new();
                 for slot in gs.config.param_slots(p.var.dims()) {
                     let key = format!("{}/{}", ps.name, slot.name);

@@ -11,7 +11,7 @@ use crate::algorithm::{Algorithm, ParamMeta, PrepareEntry, StepContext};
 use crate::backend::DeviceReducer as Reducer;
 use crate::backend::{self, Work};
 use crate::error::{Error, Result};
-use crate::reduce::Reducer as _;
+use crate::reduce::{Collective, ReduceOp, Reducer as _};
 use crate::schedule::Schedule;
 use crate::state::{rounding_key, ParamRounding, SlotFormat, StateFormat, StateTensor};
 use candle_core::backprop::GradStore;
@@ -105,6 +105,10 @@ pub(crate) struct Param<A: Algorithm> {
     /// name, so a checkpoint can be matched to it only by shape (see [`crate::checkpoint`]).
     pub positional: bool,
     pub var: Var,
+    /// The element count the state format is resolved by ([`StateFormat`]'s `min_8bit_size`):
+    /// the parameter's own, or for a shard of a tensor ([`crate::dist::Sharded`]) the whole
+    /// tensor's, so that a shard keeps the state a single process would.
+    pub format_numel: usize,
     pub slots: Option<Vec<StateTensor>>,
     pub t: u64,
     pub extra: A::ParamExtra,
@@ -140,6 +144,8 @@ pub struct Optim<A: Algorithm> {
     /// How bf16 parameters are written back.
     pub(crate) rounding: ParamRounding,
     reducer: Reducer,
+    /// The other ranks, when this optimizer is one rank's shard of a [`crate::dist::Sharded`].
+    pub(crate) collective: Option<std::sync::Arc<dyn Collective>>,
 }
 
 impl<A: Algorithm> std::fmt::Debug for Optim<A> {
@@ -218,6 +224,7 @@ impl<A: Algorithm> Optim<A> {
                         .map(|(name, var, positional)| Param {
                             name,
                             positional,
+                            format_numel: var.elem_count(),
                             var,
                             slots: None,
                             t: 0,
@@ -240,6 +247,7 @@ impl<A: Algorithm> Optim<A> {
             max_grad_norm,
             rounding,
             reducer: Reducer::new(),
+            collective: None,
         })
     }
 
@@ -612,26 +620,60 @@ impl<A: Algorithm> Optim<A> {
             Some(stats) => stats.iter().map(|s| s.all_finite).collect(),
             None => self.reducer.all_finite(&grads)?,
         };
-        if self.policy != NonFinitePolicy::Propagate {
-            if let Some(i) = finite.iter().position(|f| !f) {
-                let param = self
+        let local_bad = finite.iter().position(|f| !f);
+        // Sharded: one collective gives every rank the same verdict and norm.
+        let mut norm = stats
+            .as_ref()
+            .map(|st| crate::reduce::global_norm(st, scale));
+        let mut any_bad = local_bad.is_some();
+        if let Some(c) = &self.collective {
+            let sum_sq: f64 = stats.iter().flatten().map(|s| s.sum_sq).sum();
+            let mut v = [f64::from(u8::from(any_bad)), sum_sq * (scale * scale)];
+            c.all_reduce_scalars(&mut v, ReduceOp::Sum)?;
+            any_bad = v[0] > 0.0;
+            if let Some(st) = &stats {
+                norm = Some(if v[1].is_finite() || any_bad {
+                    v[1].sqrt()
+                } else {
+                    // Σx² overflowed with every element finite: combine the per-tensor norms
+                    // relative to the largest, as `global_norm` does.
+                    let mut m = [st.iter().map(|s| s.norm()).fold(0.0, f64::max)];
+                    c.all_reduce_scalars(&mut m, ReduceOp::Max)?;
+                    let mut r = [st
+                        .iter()
+                        .map(|s| {
+                            if m[0] > 0.0 {
+                                (s.norm() / m[0]).powi(2)
+                            } else {
+                                0.0
+                            }
+                        })
+                        .sum::<f64>()];
+                    c.all_reduce_scalars(&mut r, ReduceOp::Sum)?;
+                    m[0] * r[0].sqrt() * scale.abs()
+                });
+            }
+        }
+        if self.policy != NonFinitePolicy::Propagate && any_bad {
+            let param = match local_bad {
+                Some(i) => self
                     .params()
                     .zip(present)
                     .filter(|(_, g)| g.is_some())
                     .nth(i)
                     .map(|(p, _)| p.name.clone())
-                    .unwrap_or_default();
-                if self.policy == NonFinitePolicy::Error {
-                    return Err(Error::NonFiniteGradient { param });
-                }
-                report.updated = 0;
-                report.skipped = Some(SkipReason::NonFiniteGradient { param });
-                return Ok(None);
+                    .unwrap_or_default(),
+                None => "(held by another rank)".to_string(),
+            };
+            if self.policy == NonFinitePolicy::Error {
+                return Err(Error::NonFiniteGradient { param });
             }
+            report.updated = 0;
+            report.skipped = Some(SkipReason::NonFiniteGradient { param });
+            return Ok(None);
         }
         let mut grad_scale = scale;
-        if let (Some(max), Some(stats)) = (self.max_grad_norm, &stats) {
-            let norm = crate::reduce::global_norm(stats, scale);
+        if let (Some(max), Some(norm)) = (self.max_grad_norm, norm) {
             report.grad_norm = Some(norm);
             // torch.nn.utils.clip_grad_norm_: coef = max / (norm + 1e-6), clamped at 1.
             report.clip_scale = (max / (norm + 1e-6)).min(1.0);
@@ -674,6 +716,7 @@ impl<A: Algorithm> Optim<A> {
                 entries: &mut entries,
                 grad_scale,
                 reducer: &mut self.reducer,
+                collective: self.collective.as_deref(),
             };
             A::prepare(&mut global, &mut ctx)?;
             ctx.grad_scale
@@ -719,7 +762,7 @@ impl<A: Algorithm> Optim<A> {
                     out.push(if needs_slots(p, &group.config) {
                         let dt = state_dtype(p.var.dtype());
                         let numel = p.var.elem_count();
-                        let format = group.format.resolve(numel);
+                        let format = group.format.resolve(p.format_numel);
                         let param = p.var.as_tensor();
                         let alloc = |d| crate::backend::cpu::state_zeros(param, d);
                         Some(

@@ -131,6 +131,11 @@ pub enum Error {
         optimizer: String,
     },
 
+    /// A collective across ranks failed: a rank left, timed out, or called another
+    /// collective than the others (see [`crate::dist`]).
+    #[error("communication: {0}")]
+    Communication(String),
+
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

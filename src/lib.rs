@@ -33,6 +33,7 @@ pub mod algorithm;
 pub mod algorithms;
 mod backend;
 pub mod checkpoint;
+pub mod dist;
 mod driver;
 pub mod elem;
 mod error;

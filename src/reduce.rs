@@ -61,6 +61,29 @@ pub fn global_norm(stats: &[GradStats], scale: f64) -> f64 {
     m * sum.sqrt() * scale.abs()
 }
 
+/// How values from several ranks combine in a collective.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// The sum, added in rank order.
+    Sum,
+    /// The sum divided by the number of ranks.
+    Avg,
+    /// The maximum.
+    Max,
+}
+
+/// Scalar reductions across the ranks of a data-parallel job: what a sharded optimizer needs
+/// to agree on global quantities (the clipping norm, the non-finite check, SGD-SaI's maximum
+/// g-SNR, Adan's clipping norm). Every rank must make the same calls in the same order.
+/// [`crate::dist::Communicator`] extends it with tensor collectives.
+pub trait Collective: Send + Sync {
+    /// The number of ranks.
+    fn world_size(&self) -> usize;
+
+    /// Combines `values` element by element across ranks; every rank gets the result.
+    fn all_reduce_scalars(&self, values: &mut [f64], op: ReduceOp) -> Result<()>;
+}
+
 /// Computes gradient statistics on the gradients' device. Results are accumulated in f64 and
 /// do not depend on the number of threads.
 pub trait Reducer {

@@ -6,12 +6,14 @@
 //! compile.
 
 use crate::algorithm::Algorithm;
+use crate::dist::{Communicator, Sharded};
 use crate::driver::param_traffic_bytes;
 use crate::error::{Error, Result};
 use crate::groups::OptimBuilder;
 use crate::optimizer::Optimizer;
 use crate::state::{ParamRounding, StateFormat};
 use candle_core::{DType, Var};
+use std::sync::Arc;
 
 /// THE table of algorithms. Each line: `Variant: module::Config as Alias, "doc";` where
 /// `module` is both `src/algorithms/<module>.rs` and the CUDA module `kernels/<module>.cu`.
@@ -272,7 +274,39 @@ impl Algo {
         hyperparameters: &serde_json::Value,
         no_decay_for_bias_and_norm: bool,
     ) -> Result<Box<dyn Optimizer>> {
-        struct V<'a>(Vec<(String, Var)>, &'a serde_json::Value, bool);
+        self.build_on(vars, hyperparameters, no_decay_for_bias_and_norm, None)
+    }
+
+    /// Like [`build_with`](Self::build_with), as this rank's share of a ZeRO-1 optimizer
+    /// ([`Sharded`]) over `comm`. Every rank builds it the same way.
+    pub fn build_sharded(
+        self,
+        vars: Vec<(String, Var)>,
+        hyperparameters: &serde_json::Value,
+        no_decay_for_bias_and_norm: bool,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Box<dyn Optimizer>> {
+        self.build_on(
+            vars,
+            hyperparameters,
+            no_decay_for_bias_and_norm,
+            Some(comm),
+        )
+    }
+
+    fn build_on(
+        self,
+        vars: Vec<(String, Var)>,
+        hyperparameters: &serde_json::Value,
+        no_decay_for_bias_and_norm: bool,
+        comm: Option<Arc<dyn Communicator>>,
+    ) -> Result<Box<dyn Optimizer>> {
+        struct V<'a>(
+            Vec<(String, Var)>,
+            &'a serde_json::Value,
+            bool,
+            Option<Arc<dyn Communicator>>,
+        );
         impl AlgoVisitor for V<'_> {
             type Output = Result<Box<dyn Optimizer>>;
             fn visit<A: Algorithm>(self) -> Result<Box<dyn Optimizer>> {
@@ -284,10 +318,13 @@ impl Algo {
                 if self.2 {
                     b = b.no_decay_for_bias_and_norm();
                 }
-                Ok(Box::new(b.build()?))
+                Ok(match self.3 {
+                    Some(comm) => Box::new(Sharded::new(b.build()?, comm)?),
+                    None => Box::new(b.build()?),
+                })
             }
         }
-        self.visit(V(vars, hyperparameters, no_decay_for_bias_and_norm))
+        self.visit(V(vars, hyperparameters, no_decay_for_bias_and_norm, comm))
     }
 }
 

@@ -13,6 +13,7 @@
 use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot, StepContext};
 use crate::elem::{Elem, Real};
 use crate::error::{check_nonneg, check_range, Result};
+use crate::reduce::ReduceOp;
 use serde::{Deserialize, Serialize};
 
 /// Adan hyperparameters (one parameter group). Defaults are the authors'.
@@ -202,11 +203,17 @@ impl Algorithm for AdanConfig {
 
     fn prepare(_: &mut (), ctx: &mut StepContext<'_, '_, Self>) -> Result<()> {
         let max = ctx.base.max_grad_norm;
-        if max <= 0.0 || ctx.entries.is_empty() {
+        if max <= 0.0 {
             return Ok(());
         }
         let grads: Vec<_> = ctx.entries.iter().map(|e| e.grad).collect();
-        let norm = ctx.reducer.total_sum_sq(&grads)?.sqrt() * ctx.grad_scale.abs();
+        // Sharded: every rank takes part, with or without gradients of its own.
+        let mut sum_sq = [ctx.reducer.total_sum_sq(&grads)?];
+        ctx.reduce_across_ranks(&mut sum_sq, ReduceOp::Sum)?;
+        if ctx.entries.is_empty() {
+            return Ok(());
+        }
+        let norm = sum_sq[0].sqrt() * ctx.grad_scale.abs();
         let eps = ctx.groups.last().map_or(ctx.base.eps, |g| g.eps);
         // The reference forms the clip factor from float32 tensors and then calls .item().
         let c = (max as f32 / (norm as f32 + eps as f32)).min(1.0);

@@ -16,6 +16,7 @@
 use crate::algorithm::{Algorithm, ElementWise, Kernel, ParamMeta, Slot, StepContext};
 use crate::elem::{Elem, Real};
 use crate::error::{check_nonneg, check_range, Error, Result};
+use crate::reduce::ReduceOp;
 use serde::{Deserialize, Serialize};
 
 /// Which official version's per-tensor factor to use (ALGORITHMS.md §1.1).
@@ -197,6 +198,9 @@ impl Algorithm for SgdSaiConfig {
         }
     }
 
+    // The g-SNR is a per-tensor statistic: a shard must see its tensors whole.
+    const WHOLE_TENSORS: bool = true;
+
     fn prepare(global: &mut SgdSaiGlobal, ctx: &mut StepContext<'_, '_, Self>) -> Result<()> {
         let mode = |e: usize| ctx.groups[ctx.entries[e].group].gsnr_mode;
         // Tensors at their first gradient whose factor depends on the gradient.
@@ -219,7 +223,10 @@ impl Algorithm for SgdSaiConfig {
                 .filter(|(&e, _)| mode(e) == GsnrMode::MaxNormalized)
                 .map(|(_, &v)| v)
                 .reduce(f64::max);
-            global.gsnr_max = max;
+            // Sharded: the maximum over every rank's tensors (-inf: none on this rank).
+            let mut m = [max.unwrap_or(f64::NEG_INFINITY)];
+            ctx.reduce_across_ranks(&mut m, ReduceOp::Max)?;
+            global.gsnr_max = (m[0] > f64::NEG_INFINITY).then_some(m[0]);
         }
         for (&e, v) in pending.iter().zip(values) {
             ctx.entries[e].extra.gsnr = Some(v);

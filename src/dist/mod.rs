@@ -1,0 +1,67 @@
+//! Training on several ranks: a [`Communicator`] of collectives over candle tensors,
+//! data-parallel gradient averaging ([`average_gradients`]) and a ZeRO stage 1 optimizer
+//! ([`Sharded`]) that keeps each rank's share of the optimizer state only.
+//!
+//! Two communicators: [`ThreadComm`], ranks as threads of one process (CPU data parallelism,
+//! and the tests: every piece of the sharding logic runs through it), and any other
+//! implementation of [`Communicator`]: the collectives only move buffers.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor, Var};
+//! use candle_optim::dist::{Sharded, ThreadComm};
+//! use candle_optim::{AdamW, AdamWConfig};
+//! use std::sync::Arc;
+//!
+//! // Two ranks as threads; each holds the same parameters and computes its own gradients.
+//! let comms = ThreadComm::group(2)?;
+//! let handles: Vec<_> = comms
+//!     .into_iter()
+//!     .map(|comm| {
+//!         std::thread::spawn(move || -> candle_optim::Result<Vec<f32>> {
+//!             let rank = comm.rank() as f32;
+//!             let w = Var::from_tensor(&Tensor::new(&[1f32, 2., 3.], &Device::Cpu)?)?;
+//!             let opt = AdamW::new(vec![w.clone()], AdamWConfig { lr: 0.1, ..Default::default() })?;
+//!             let mut opt = Sharded::new(opt, Arc::new(comm))?;
+//!             let loss = (w.as_tensor() * (rank + 1.0) as f64)?.sum_all()?;
+//!             opt.backward_step(&loss)?; // averages the gradients, updates this rank's shard
+//!             Ok(w.as_tensor().to_vec1()?)
+//!         })
+//!     })
+//!     .collect();
+//! let results: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect::<Result<_, _>>()?;
+//! assert_eq!(results[0], results[1]); // every rank ends with the same parameters
+//! # Ok::<(), candle_optim::Error>(())
+//! ```
+
+mod ddp;
+mod thread;
+mod zero;
+
+pub use crate::reduce::{Collective, ReduceOp};
+pub use ddp::average_gradients;
+pub use thread::{average, combine, ThreadComm};
+pub use zero::{Sharded, DEFAULT_BUCKET_BYTES, SHARD_ALIGN};
+
+use crate::error::Result;
+use candle_core::Tensor;
+
+/// Collectives over candle tensors across the ranks of a data-parallel job. Every rank must
+/// call the same collectives, in the same order, with tensors of the same shape and dtype.
+/// Each collective returns a new tensor on the input's device.
+pub trait Communicator: Collective {
+    /// This rank, in `0..world_size()`.
+    fn rank(&self) -> usize;
+
+    /// Combines `t` element by element across ranks; every rank gets the result.
+    fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor>;
+
+    /// `t` (1-D, its length a multiple of the world size) is combined across ranks, and rank
+    /// `r` gets chunk `r` of the result (length `len / world_size`).
+    fn reduce_scatter(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor>;
+
+    /// Concatenates every rank's `t` (1-D, the same length on every rank) in rank order.
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor>;
+
+    /// Rank `root`'s `t`, on every rank (the others pass a tensor of the same shape and dtype).
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
+}

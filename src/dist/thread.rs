@@ -1,0 +1,262 @@
+//! [`ThreadComm`]: ranks as threads of one process, exchanging tensors through shared memory.
+
+use super::Communicator;
+use crate::error::{Error, Result};
+use crate::reduce::{Collective, ReduceOp};
+use candle_core::Tensor;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a rank waits for the others in one collective before the group fails.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One rank of an in-process group: ranks are threads, each holding its `ThreadComm`. The
+/// collectives combine in rank order, so results do not depend on thread timing.
+///
+/// A rank that waits longer than the group's timeout (a rank failed, or ranks called different
+/// collectives) fails with [`Error::Communication`], and so does every later collective of the
+/// group: a mismatch never hangs a test.
+#[derive(Clone)]
+pub struct ThreadComm {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ThreadComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadComm")
+            .field("rank", &self.rank)
+            .field("world_size", &self.shared.n)
+            .finish()
+    }
+}
+
+struct Shared {
+    n: usize,
+    timeout: Duration,
+    round: Mutex<Round>,
+    cv: Condvar,
+}
+
+#[derive(Clone)]
+enum Item {
+    Tensor(Tensor),
+    Scalars(Vec<f64>),
+}
+
+/// One rank's contribution to a collective: what it called (checked against the others) and
+/// its data.
+#[derive(Clone)]
+struct Contribution {
+    what: String,
+    item: Item,
+}
+
+#[derive(Default)]
+struct Round {
+    generation: u64,
+    slots: Vec<Option<Contribution>>,
+    arrived: usize,
+    result: Arc<Vec<Contribution>>,
+    failed: Option<String>,
+}
+
+impl ThreadComm {
+    /// A group of `n` ranks (`n ≥ 1`): hand one to each thread.
+    pub fn group(n: usize) -> Result<Vec<ThreadComm>> {
+        Self::group_with_timeout(n, DEFAULT_TIMEOUT)
+    }
+
+    /// Like [`group`](Self::group), with the time a rank waits for the others.
+    pub fn group_with_timeout(n: usize, timeout: Duration) -> Result<Vec<ThreadComm>> {
+        if n == 0 {
+            return Err(Error::Communication(
+                "a group needs at least one rank".into(),
+            ));
+        }
+        let shared = Arc::new(Shared {
+            n,
+            timeout,
+            round: Mutex::new(Round {
+                slots: vec![None; n],
+                ..Default::default()
+            }),
+            cv: Condvar::new(),
+        });
+        Ok((0..n)
+            .map(|rank| ThreadComm {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect())
+    }
+
+    /// Deposits this rank's contribution and returns every rank's, once all have arrived.
+    fn exchange(&self, what: String, item: Item) -> Result<Arc<Vec<Contribution>>> {
+        let sh = &*self.shared;
+        fn poisoned<T>(_: T) -> Error {
+            Error::Communication("a rank panicked inside a collective".into())
+        }
+        let mut round = sh.round.lock().map_err(poisoned)?;
+        if let Some(why) = &round.failed {
+            return Err(Error::Communication(why.clone()));
+        }
+        let generation = round.generation;
+        round.slots[self.rank] = Some(Contribution { what, item });
+        round.arrived += 1;
+        let all = if round.arrived == sh.n {
+            let slots: Vec<Contribution> = round.slots.iter_mut().flat_map(Option::take).collect();
+            round.result = Arc::new(slots);
+            round.arrived = 0;
+            round.generation += 1;
+            sh.cv.notify_all();
+            round.result.clone()
+        } else {
+            let deadline = Instant::now() + sh.timeout;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                round = sh.cv.wait_timeout(round, left).map_err(poisoned)?.0;
+                if round.generation != generation {
+                    break round.result.clone();
+                }
+                if let Some(why) = &round.failed {
+                    return Err(Error::Communication(why.clone()));
+                }
+                if Instant::now() >= deadline {
+                    let why = format!(
+                        "rank {} waited {:?} for the other ranks in a collective",
+                        self.rank, sh.timeout
+                    );
+                    round.failed = Some(why.clone());
+                    sh.cv.notify_all();
+                    return Err(Error::Communication(why));
+                }
+            }
+        };
+        drop(round);
+        // Every rank must have called the same collective on the same shape.
+        let mine = &all[self.rank].what;
+        if let Some((r, c)) = all.iter().enumerate().find(|(_, c)| &c.what != mine) {
+            return Err(Error::Communication(format!(
+                "rank {} called {mine}, rank {r} called {}",
+                self.rank, c.what
+            )));
+        }
+        Ok(all)
+    }
+
+    fn tensors(&self, what: &str, t: &Tensor) -> Result<Vec<Tensor>> {
+        let what = format!("{what} of {:?} {:?}", t.dtype(), t.dims());
+        let all = self.exchange(what, Item::Tensor(t.clone()))?;
+        Ok(all
+            .iter()
+            .map(|c| match &c.item {
+                Item::Tensor(t) => t.clone(),
+                Item::Scalars(_) => unreachable!("the collective names were checked equal"),
+            })
+            .collect())
+    }
+}
+
+/// The element-wise combination of `ts` (same shape and dtype), in order: the sum, the sum
+/// divided by the count (an f32 division for f32 tensors), or the maximum. [`ThreadComm`]
+/// reduces with it, so a single-process reference can average gradients exactly as it does.
+pub fn combine(ts: &[Tensor], op: ReduceOp) -> Result<Tensor> {
+    let Some((first, rest)) = ts.split_first() else {
+        return Err(Error::Communication("nothing to combine".into()));
+    };
+    let mut acc = first.clone();
+    for t in rest {
+        acc = match op {
+            ReduceOp::Max => acc.maximum(t)?,
+            ReduceOp::Sum | ReduceOp::Avg => (&acc + t)?,
+        };
+    }
+    if op == ReduceOp::Avg {
+        let n = Tensor::new(ts.len() as f32, acc.device())?.to_dtype(acc.dtype())?;
+        acc = acc.broadcast_div(&n)?;
+    } else if rest.is_empty() {
+        acc = acc.copy()?;
+    }
+    Ok(acc)
+}
+
+/// The average of `ts` (same shape and dtype), exactly as [`ThreadComm`] computes it with
+/// [`ReduceOp::Avg`]: summed in order, then divided by the count.
+pub fn average(ts: &[Tensor]) -> Result<Tensor> {
+    combine(ts, ReduceOp::Avg)
+}
+
+impl Collective for ThreadComm {
+    fn world_size(&self) -> usize {
+        self.shared.n
+    }
+
+    fn all_reduce_scalars(&self, values: &mut [f64], op: ReduceOp) -> Result<()> {
+        let what = format!("all_reduce_scalars({op:?}) of {}", values.len());
+        let all = self.exchange(what, Item::Scalars(values.to_vec()))?;
+        for (i, v) in values.iter_mut().enumerate() {
+            let mut it = all.iter().map(|c| match &c.item {
+                Item::Scalars(s) => s[i],
+                Item::Tensor(_) => unreachable!("the collective names were checked equal"),
+            });
+            let first = it.next().unwrap_or(0.0);
+            *v = match op {
+                ReduceOp::Max => it.fold(first, f64::max),
+                ReduceOp::Sum | ReduceOp::Avg => it.fold(first, |a, b| a + b),
+            };
+            if op == ReduceOp::Avg {
+                *v /= all.len() as f64;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Communicator for ThreadComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        combine(&self.tensors(&format!("all_reduce({op:?})"), t)?, op)
+    }
+
+    fn reduce_scatter(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let n = self.shared.n;
+        let len = t.elem_count();
+        if t.rank() != 1 || !len.is_multiple_of(n) {
+            return Err(Error::Communication(format!(
+                "reduce_scatter takes a 1-D tensor whose length is a multiple of {n}, got {:?}",
+                t.dims()
+            )));
+        }
+        let chunk = len / n;
+        let parts = self
+            .tensors(&format!("reduce_scatter({op:?})"), t)?
+            .iter()
+            .map(|t| t.narrow(0, self.rank * chunk, chunk))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        combine(&parts, op)
+    }
+
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        if t.rank() != 1 {
+            return Err(Error::Communication(format!(
+                "all_gather takes a 1-D tensor, got {:?}",
+                t.dims()
+            )));
+        }
+        Ok(Tensor::cat(&self.tensors("all_gather", t)?, 0)?)
+    }
+
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        if root >= self.shared.n {
+            return Err(Error::Communication(format!(
+                "broadcast from rank {root} in a group of {}",
+                self.shared.n
+            )));
+        }
+        Ok(self.tensors(&format!("broadcast({root})"), t)?[root].copy()?)
+    }
+}
