@@ -8,7 +8,7 @@
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor, Var};
-//! use candle_optim::dist::{Sharded, ThreadComm};
+//! use candle_optim::dist::{Communicator, Sharded, ThreadComm};
 //! use candle_optim::{AdamW, AdamWConfig};
 //! use std::sync::Arc;
 //!
@@ -22,7 +22,7 @@
 //!             let w = Var::from_tensor(&Tensor::new(&[1f32, 2., 3.], &Device::Cpu)?)?;
 //!             let opt = AdamW::new(vec![w.clone()], AdamWConfig { lr: 0.1, ..Default::default() })?;
 //!             let mut opt = Sharded::new(opt, Arc::new(comm))?;
-//!             let loss = (w.as_tensor() * (rank + 1.0) as f64)?.sum_all()?;
+//!             let loss = w.as_tensor().affine(rank as f64 + 1.0, 0.0)?.sum_all()?;
 //!             opt.backward_step(&loss)?; // averages the gradients, updates this rank's shard
 //!             Ok(w.as_tensor().to_vec1()?)
 //!         })

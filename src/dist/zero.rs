@@ -318,6 +318,18 @@ impl<A: Algorithm> Sharded<A> {
         (self.bucket_bytes / l.dtype.size_in_bytes()).clamp(1, l.seg_len.max(1))
     }
 
+    /// Back-propagates `loss` (this rank's) and applies one step.
+    pub fn backward_step(&mut self, loss: &Tensor) -> Result<StepReport> {
+        let grads = loss.backward()?;
+        self.step_scaled(&grads, 1.0)
+    }
+
+    /// Averages this rank's gradients across ranks, updates its shard and all-gathers the
+    /// parameters: [`step_scaled`](Self::step_scaled) with a scale of 1.
+    pub fn step(&mut self, grads: &GradStore) -> Result<StepReport> {
+        self.step_scaled(grads, 1.0)
+    }
+
     /// Averages this rank's gradients across ranks (reduce-scatter), updates its shard and
     /// all-gathers the parameters. Gradients are multiplied by `scale` inside the update.
     pub fn step_scaled(&mut self, grads: &GradStore, scale: f64) -> Result<StepReport> {
