@@ -40,7 +40,7 @@ mod zero;
 pub use crate::reduce::{Collective, ReduceOp};
 pub use ddp::average_gradients;
 pub use thread::{average, combine, ThreadComm};
-pub use zero::{Sharded, DEFAULT_BUCKET_BYTES, SHARD_ALIGN};
+pub use zero::{Sharded, StepTiming, DEFAULT_BUCKET_BYTES, SHARD_ALIGN};
 
 use crate::error::Result;
 use candle_core::Tensor;

@@ -29,6 +29,7 @@ use crate::state::{ParamRounding, StateTensor, BLOCK};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Tensors start at, and segments are cut at, multiples of this many elements: the 8-bit
 /// quantization block.
@@ -185,6 +186,26 @@ pub struct Sharded<A: Algorithm> {
     /// Index in `params` of each parameter of the template in group order (`None`: no elements).
     index: Vec<Option<usize>>,
     bucket_bytes: usize,
+    timing: StepTiming,
+}
+
+/// Where the time of this rank's last [`Sharded::step`] went (wall clock on the host; on a GPU
+/// the collectives and the update are timed as the host waits for them).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepTiming {
+    /// Agreeing on which parameters have gradients, packing and reduce-scatter of gradients.
+    pub reduce_scatter: std::time::Duration,
+    /// This rank's update (including the optimizer's own cross-rank scalar reductions).
+    pub update: std::time::Duration,
+    /// All-gather of the parameters.
+    pub all_gather: std::time::Duration,
+}
+
+impl StepTiming {
+    /// The collectives' share: reduce-scatter + all-gather.
+    pub fn communication(&self) -> std::time::Duration {
+        self.reduce_scatter + self.all_gather
+    }
 }
 
 impl<A: Algorithm> std::fmt::Debug for Sharded<A> {
@@ -264,6 +285,7 @@ impl<A: Algorithm> Sharded<A> {
             params,
             index,
             bucket_bytes: DEFAULT_BUCKET_BYTES,
+            timing: StepTiming::default(),
         };
         s.inner.collective = Some(s.comm.clone());
         s.split_template_state()?;
@@ -278,6 +300,11 @@ impl<A: Algorithm> Sharded<A> {
         }
         self.bucket_bytes = bytes;
         Ok(())
+    }
+
+    /// Where the time of the last step went.
+    pub fn last_step_timing(&self) -> StepTiming {
+        self.timing
     }
 
     /// This rank's optimizer: its [`Optim::memory_report`] is the rank's state.
@@ -333,6 +360,7 @@ impl<A: Algorithm> Sharded<A> {
     /// Averages this rank's gradients across ranks (reduce-scatter), updates its shard and
     /// all-gathers the parameters. Gradients are multiplied by `scale` inside the update.
     pub fn step_scaled(&mut self, grads: &GradStore, scale: f64) -> Result<StepReport> {
+        let start = Instant::now();
         // Check this rank's gradients before any collective.
         let mut local: Vec<Option<Tensor>> = Vec::with_capacity(self.params.len());
         for (v, name) in self.params.iter().zip(self.param_names()) {
@@ -405,13 +433,20 @@ impl<A: Algorithm> Sharded<A> {
                 }
             }
         }
+        let scattered = Instant::now();
         let mut report = self.inner.step_scaled(&store, scale)?;
+        let updated = Instant::now();
         if report.taken {
             report.updated = present.iter().filter(|&&p| p > 0.0).count();
             self.gather_params()?;
         } else {
             report.updated = 0;
         }
+        self.timing = StepTiming {
+            reduce_scatter: scattered - start,
+            update: updated - scattered,
+            all_gather: updated.elapsed(),
+        };
         Ok(report)
     }
 
@@ -935,6 +970,7 @@ impl<A: Algorithm> Optimizer for Sharded<A> {
             params: self.params.clone(),
             index: self.index.clone(),
             bucket_bytes: self.bucket_bytes,
+            timing: self.timing,
         };
         scratch.merge_into_template(&all)?;
         scratch.template.save_bytes()
