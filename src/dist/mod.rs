@@ -3,8 +3,9 @@
 //! ([`Sharded`]) that keeps each rank's share of the optimizer state only.
 //!
 //! Two communicators: [`ThreadComm`], ranks as threads of one process (CPU data parallelism,
-//! and the tests: every piece of the sharding logic runs through it), and any other
-//! implementation of [`Communicator`]: the collectives only move buffers.
+//! and the tests: every piece of the sharding logic runs through it), and with the `nccl`
+//! feature `NcclComm`, one process per GPU over NCCL. The NCCL layer only moves buffers; NCCL
+//! does not run several ranks on one GPU, so multi-rank NCCL runs are not part of the tests.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor, Var};
@@ -34,11 +35,15 @@
 //! ```
 
 mod ddp;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod thread;
 mod zero;
 
 pub use crate::reduce::{Collective, ReduceOp};
 pub use ddp::average_gradients;
+#[cfg(feature = "nccl")]
+pub use nccl::{NcclComm, NcclId};
 pub use thread::{average, combine, ThreadComm};
 pub use zero::{Sharded, StepTiming, DEFAULT_BUCKET_BYTES, SHARD_ALIGN};
 
