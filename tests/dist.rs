@@ -538,3 +538,25 @@ fn mismatched_collectives_fail_instead_of_hanging() {
     ));
     assert!(ThreadComm::group(0).is_err());
 }
+
+#[test]
+fn bad_input_is_a_typed_error_and_changes_nothing() {
+    let comm: Arc<dyn Communicator> = Arc::new(ThreadComm::group(1).unwrap().remove(0));
+    let vs = vars(DType::F32);
+    let mut opt = Algo::AdamW
+        .build_sharded(vs.clone(), &json!({}), false, comm.clone())
+        .unwrap();
+    opt.step(&local_grads(0, 1, &vs)).unwrap();
+    let before = (bits(&vs), opt.save_bytes().unwrap());
+    let mut g = local_grads(0, 2, &vs);
+    g.insert(
+        vs[0].1.as_tensor(),
+        Tensor::zeros(7, DType::F32, &candle_core::Device::Cpu).unwrap(),
+    );
+    assert!(matches!(opt.step(&g), Err(Error::ShapeMismatch { .. })));
+    let mut g = local_grads(0, 2, &vs);
+    g.insert(vs[2].1.as_tensor(), vs[2].1.to_dtype(DType::F64).unwrap());
+    assert!(matches!(opt.step(&g), Err(Error::DTypeMismatch { .. })));
+    assert!(opt.load_bytes(b"not a checkpoint").is_err());
+    assert_eq!((bits(&vs), opt.save_bytes().unwrap()), before);
+}

@@ -245,6 +245,12 @@ impl<A: Algorithm> Sharded<A> {
                 }
                 _ => device = Some(v.device().clone()),
             }
+            // A piece cut from a tensor is written back through a flat view of it.
+            if !v.is_contiguous() {
+                return Err(Error::NonContiguous {
+                    param: p.name.clone(),
+                });
+            }
             if v.elem_count() == 0 {
                 index.push(None);
             } else {
