@@ -8,6 +8,7 @@
 //! cargo run --release --example cifar -- --data-dir path/to/cifar-10-batches-bin
 //! cargo run --release --example cifar -- --compare all                # table + PNG, ~10 min
 //! cargo run --release --example cifar -- --save ckpt --stop-after 200   # then --resume ckpt
+//! cargo run --release --example cifar -- --compare sgd_sai,adamw --seeds 42,43,44  # mean ± spread
 //! ```
 //!
 //! Without `--data-dir` the example trains on `examples/data/fashion-mnist`: 8000 training and
@@ -21,10 +22,11 @@ use candle_nn::{
     batch_norm, conv2d_no_bias, linear, BatchNorm, Conv2d, Conv2dConfig, Linear, Module,
     VarBuilder, VarMap,
 };
-use candle_optim::Algo;
+use candle_optim::{Algo, Optimizer};
 use clap::{Parser, ValueEnum};
+use common::seeds::{self, SeedRuns};
 use common::train::{self, Eval, Settings, Task};
-use common::{cifar, nn, Result, Rng};
+use common::{cifar, nn, LrOverrides, Result, Rng};
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -73,6 +75,32 @@ struct Args {
     /// Seed of the initialisation and the data order.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Train every selected optimizer once per seed (comma-separated, e.g. 42,43,44) and write
+    /// compare.md (final validation loss and accuracy as mean ± spread over the seeds),
+    /// compare.png and runs.json (every run's history) to --out. Default: the single --seed, as
+    /// before.
+    #[arg(long)]
+    seeds: Option<String>,
+    /// Per-optimizer peak learning rates, replacing --lr and the defaults for those named
+    /// (e.g. sgd_sai=1e-2,adamw=3e-3).
+    #[arg(long, value_parser = common::parse_lr_overrides)]
+    lr_for: Option<LrOverrides>,
+    /// Linear warmup steps (default: 5% of --steps, 1 to 200).
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Where the cosine decay ends, as a fraction of the peak learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    min_lr_ratio: f64,
+    /// Clip the global gradient norm at this value (0, the default: no clipping).
+    #[arg(long, default_value_t = 0.0)]
+    clip: f64,
+    /// SGD-SaI's g-SNR rule (`SgdSaiConfig::gsnr_mode`; default: exact, the released v1.0.3).
+    /// Only for sgd_sai.
+    #[arg(long, value_parser = ["exact", "max_normalized", "sqrt_numel"])]
+    gsnr_mode: Option<String>,
+    /// Momentum of SGD-SaI and SGD (default: 0.9 for both). Only for those two.
+    #[arg(long)]
+    momentum: Option<f64>,
     /// CPU threads (default: all cores; 1 can be faster on a machine busy with other work).
     #[arg(long)]
     threads: Option<usize>,
@@ -115,7 +143,7 @@ struct Args {
     /// round-to-nearest.
     #[arg(long)]
     stochastic_rounding: bool,
-    /// Where --compare writes compare.md and compare.png.
+    /// Where --compare writes compare.md and compare.png (with --seeds also runs.json).
     #[arg(long, default_value = "target/compare/cifar")]
     out: PathBuf,
 }
@@ -530,9 +558,63 @@ fn width(args: &Args) -> usize {
     })
 }
 
+/// The peak learning rate of `algo`: --lr-for's, else --lr, else the default.
+fn lr_of(args: &Args, algo: Algo) -> f64 {
+    args.lr_for
+        .as_ref()
+        .and_then(|o| o.get(algo))
+        .or(args.lr)
+        .unwrap_or_else(|| default_lr(args.model, algo))
+}
+
+/// The training recipe beyond the rate, in words; `None` when every option is at its default.
+fn recipe(args: &Args) -> Option<String> {
+    let default = args.warmup.is_none()
+        && args.min_lr_ratio == 0.1
+        && args.clip == 0.0
+        && args.gsnr_mode.is_none()
+        && args.momentum.is_none()
+        && args.lr_for.is_none();
+    (!default).then(|| recipe_text(args))
+}
+
+fn recipe_text(args: &Args) -> String {
+    let mut t = format!(
+        "warmup {} step(s){}, cosine to {}× the peak rate, {}, weight decay {}",
+        args.warmup
+            .unwrap_or_else(|| train::default_warmup(args.steps)),
+        if args.warmup.is_none() { " (5%)" } else { "" },
+        args.min_lr_ratio,
+        if args.clip > 0.0 {
+            format!("clipping at {}", args.clip)
+        } else {
+            "no clipping".into()
+        },
+        args.weight_decay
+    );
+    if let Some(m) = &args.gsnr_mode {
+        t.push_str(&format!(", SGD-SaI g-SNR {m}"));
+    }
+    if let Some(m) = args.momentum {
+        t.push_str(&format!(", momentum {m} (SGD-SaI, SGD)"));
+    }
+    if let Some(o) = &args.lr_for {
+        let l: Vec<String> =
+            o.0.iter()
+                .map(|p| format!("{}={:e}", p.0.name(), p.1))
+                .collect();
+        t.push_str(&format!(", lr {}", l.join(",")));
+    }
+    if args.augment {
+        t.push_str(", augmented");
+    }
+    t
+}
+
 fn run_one(
     args: &Args,
     algo: Algo,
+    seed: u64,
     data: &Data,
     dev: &Device,
     save: Option<PathBuf>,
@@ -541,19 +623,23 @@ fn run_one(
     let (mut varmap, net) = build(
         args.model,
         width(args),
-        args.seed,
+        seed,
         dev,
         common::weights_dtype(&args.weights)?,
     )?;
-    let lr = args.lr.unwrap_or_else(|| default_lr(args.model, algo));
-    let mut opt = common::make_optimizer_with(
+    let lr = lr_of(args, algo);
+    let mut opt: Box<dyn Optimizer> = common::make_optimizer_over(
         algo,
         &varmap,
         lr,
         args.weight_decay,
         &args.state_format,
-        args.stochastic_rounding.then_some(args.seed),
+        args.stochastic_rounding.then_some(seed),
+        &common::algo_overrides(algo, args.momentum, args.gsnr_mode.as_deref()),
     )?;
+    if args.clip > 0.0 {
+        opt.set_max_grad_norm(Some(args.clip))?;
+    }
     let test = match args.eval_size {
         Some(n) => data.test.head(n),
         None => data.test.clone(),
@@ -563,7 +649,7 @@ fn run_one(
         data,
         test,
         batch: args.batch,
-        seed: args.seed,
+        seed,
         augment: args.augment,
         dev: dev.clone(),
         perm: (0, Vec::new()),
@@ -577,18 +663,23 @@ fn run_one(
         resume,
         example: "cifar",
         lr,
-        schedule: train::default_schedule(args.steps),
+        schedule: train::schedule(args.steps, args.warmup, args.min_lr_ratio),
         config: json!({
             "model": describe(args.model, width(args)),
             "data": data.name,
             "batch": args.batch,
-            "seed": args.seed,
+            "seed": seed,
             "augment": args.augment,
             "lr": lr,
             "state_format": args.state_format,
             "weights": args.weights,
             "stochastic_rounding": args.stochastic_rounding,
             "weight_decay": args.weight_decay,
+            "warmup": args.warmup,
+            "min_lr_ratio": args.min_lr_ratio,
+            "clip": args.clip,
+            "optimizer_overrides":
+                common::algo_overrides(algo, args.momentum, args.gsnr_mode.as_deref()),
         }),
     };
     train::train(&mut task, &mut varmap, opt.as_mut(), algo, &settings)
@@ -606,6 +697,18 @@ fn run(args: Args) -> Result<()> {
         args.compare.as_deref(),
         args.resume.is_some(),
     )?;
+    let seeds = args.seeds.as_deref().map(common::parse_seeds).transpose()?;
+    if seeds.is_some() && (args.resume.is_some() || args.stop_after.is_some()) {
+        return Err(
+            "--seeds trains whole runs: it cannot be combined with --resume or --stop-after".into(),
+        );
+    }
+    if !(args.clip >= 0.0 && args.clip.is_finite()) {
+        return Err("--clip must be 0 (off) or a positive norm".into());
+    }
+    if !(0.0..=1.0).contains(&args.min_lr_ratio) {
+        return Err("--min-lr-ratio must be in [0, 1]".into());
+    }
     let data = load_data(args.data_dir.as_ref())?;
     if args.steps == 0 || args.batch == 0 {
         return Err("--steps and --batch must be at least 1".into());
@@ -636,29 +739,115 @@ fn run(args: Args) -> Result<()> {
         &dev,
         common::weights_dtype(&args.weights)?,
     )?;
+    let seed_text = match &seeds {
+        None => format!("seed {}", args.seed),
+        Some(s) => format!(
+            "seeds {}",
+            s.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+        ),
+    };
     println!(
-        "Model: {} with {} parameters; {} steps of {} images{} on {:?}, seed {}.",
+        "Model: {} with {} parameters; {} steps of {} images{} on {:?}, {seed_text}.",
         describe(args.model, width(&args)),
         common::count_params(&varmap),
         args.steps,
         args.batch,
         if args.augment { " (augmented)" } else { "" },
         dev,
-        args.seed
     );
     drop(varmap);
+    if let Some(r) = recipe(&args) {
+        println!("Recipe: {r}.");
+    }
+    let model_name = match args.model {
+        Model::Resnet => "ResNet",
+        Model::Vit => "ViT",
+    };
+    let data_name = if args.data_dir.is_some() {
+        "CIFAR-10"
+    } else {
+        "Fashion-MNIST subset"
+    };
+    if let Some(seed_list) = seeds {
+        let title = format!(
+            "{} on {data_name}: {} steps of {}, {seed_text}; {}{}",
+            describe(args.model, width(&args)),
+            args.steps,
+            args.batch,
+            recipe_text(&args),
+            if args.state_format == "f32" {
+                String::new()
+            } else {
+                format!(", {} optimizer state", args.state_format)
+            }
+        );
+        let plot_title = format!(
+            "{model_name} on {data_name}: {} steps of {}, {} seeds",
+            args.steps,
+            args.batch,
+            seed_list.len()
+        );
+        let config = json!({
+            "example": "cifar",
+            "model": describe(args.model, width(&args)),
+            "data": data.name,
+            "steps": args.steps,
+            "batch": args.batch,
+            "seeds": seed_list,
+            "lr": algos
+                .iter()
+                .map(|&a| (a.name(), lr_of(&args, a)))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+            "weight_decay": args.weight_decay,
+            "warmup": args.warmup.unwrap_or_else(|| train::default_warmup(args.steps)),
+            "min_lr_ratio": args.min_lr_ratio,
+            "clip": args.clip,
+            "gsnr_mode": args.gsnr_mode,
+            "momentum": args.momentum,
+            "augment": args.augment,
+            "state_format": args.state_format,
+            "weights": args.weights,
+            "stochastic_rounding": args.stochastic_rounding,
+            "eval_size": args.eval_size,
+        });
+        let mut groups: Vec<SeedRuns> = algos
+            .iter()
+            .map(|&algo| SeedRuns {
+                algo,
+                runs: Vec::new(),
+            })
+            .collect();
+        // Seed by seed, every optimizer in turn, so the report written after each seed (and so
+        // what an interrupted run leaves) compares the optimizers on the same seeds.
+        for (i, &seed) in seed_list.iter().enumerate() {
+            for g in groups.iter_mut() {
+                let save = args
+                    .save
+                    .as_ref()
+                    .map(|d| d.join(g.algo.name()).join(format!("seed-{seed}")));
+                println!("{} with seed {seed}:", g.algo.name());
+                let out = run_one(&args, g.algo, seed, &data, &dev, save, None)?;
+                g.runs.push((seed, out));
+            }
+            if i + 1 < seed_list.len() {
+                seeds::write(&args.out, &title, &plot_title, &groups, true, &config)?;
+            }
+        }
+        return seeds::report(&args.out, &title, &plot_title, &groups, true, &config);
+    }
     match &args.compare {
         None => {
             let algo = algos[0];
             println!(
                 "Optimizer: {} (lr {:.1e}, weight decay {:.0e}, warmup + cosine schedule).",
                 algo.name(),
-                args.lr.unwrap_or_else(|| default_lr(args.model, algo)),
+                lr_of(&args, algo),
                 args.weight_decay * common::weight_decay_factor(algo)
             );
             run_one(
                 &args,
                 algo,
+                args.seed,
                 &data,
                 &dev,
                 args.save.clone(),
@@ -669,27 +858,20 @@ fn run(args: Args) -> Result<()> {
             let mut outcomes = Vec::new();
             for &algo in &algos {
                 let save = args.save.as_ref().map(|d| d.join(algo.name()));
-                outcomes.push(run_one(&args, algo, &data, &dev, save, None)?);
+                outcomes.push(run_one(&args, algo, args.seed, &data, &dev, save, None)?);
             }
             let title = format!(
-                "{} on {}: {} steps of {}, seed {}",
-                match args.model {
-                    Model::Resnet => "ResNet",
-                    Model::Vit => "ViT",
-                },
-                if args.data_dir.is_some() {
-                    "CIFAR-10"
-                } else {
-                    "Fashion-MNIST subset"
-                },
-                args.steps,
-                args.batch,
-                args.seed
+                "{model_name} on {data_name}: {} steps of {}, seed {}",
+                args.steps, args.batch, args.seed
             );
             let title = if args.state_format == "f32" {
                 title
             } else {
                 format!("{title}, {} optimizer state", args.state_format)
+            };
+            let title = match recipe(&args) {
+                None => title,
+                Some(r) => format!("{title}; {r}"),
             };
             train::report(&args.out, &title, &outcomes, true)?;
         }

@@ -10,6 +10,9 @@
 //! cargo run --release --features cuda --example gpt2 -- --preset gpt2-small --device cuda
 //! cargo run --release --example gpt2 -- --preset gpt2-small --steps 2 --batch 1 --context 128 \
 //!     --eval-tokens 256                                          # the 124M model on a CPU
+//! cargo run --release --example gpt2 -- --compare sgd_sai,adamw --seeds 42,43,44 # mean ± spread
+//! cargo run --release --example gpt2 -- --preset gpt2-small --layers 2 --context 128 \
+//!     --optimizer sgd_sai --diagnose 5               # per-tensor g-SNR and first-update sizes
 //! ```
 //!
 //! Presets: `tiny` (the default; trains visibly on a laptop CPU in minutes), `small`, and
@@ -20,12 +23,13 @@
 
 mod common;
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_core::{DType, Device, IndexOp, Module, Tensor, Var};
 use candle_nn::{embedding, Embedding, VarBuilder, VarMap};
-use candle_optim::Algo;
+use candle_optim::{Algo, Optimizer};
 use clap::{Parser, ValueEnum};
+use common::seeds::{self, SeedRuns};
 use common::train::{self, Eval, Settings, Task};
-use common::{nn, text, Result, Rng};
+use common::{nn, text, LrOverrides, Result, Rng};
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -105,6 +109,46 @@ struct Args {
     /// Seed of the initialisation and the data order.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Train every selected optimizer once per seed (comma-separated, e.g. 42,43,44) and write
+    /// compare.md (final validation loss as mean ± spread over the seeds), compare.png and
+    /// runs.json (every run's history) to --out. Default: the single --seed, as before.
+    #[arg(long)]
+    seeds: Option<String>,
+    /// Per-optimizer peak learning rates, replacing --lr and the defaults for those named
+    /// (e.g. sgd_sai=5e-4,adamw=1e-3).
+    #[arg(long, value_parser = common::parse_lr_overrides)]
+    lr_for: Option<LrOverrides>,
+    /// Linear warmup steps (default: 5% of --steps, 1 to 200).
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Where the cosine decay ends, as a fraction of the peak learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    min_lr_ratio: f64,
+    /// Clip the global gradient norm at this value (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// SGD-SaI's g-SNR rule (`SgdSaiConfig::gsnr_mode`; default: exact, the released v1.0.3).
+    /// Only for sgd_sai.
+    #[arg(long, value_parser = ["exact", "max_normalized", "sqrt_numel"])]
+    gsnr_mode: Option<String>,
+    /// Momentum of SGD-SaI and SGD (default: 0.9 for both). Only for those two.
+    #[arg(long)]
+    momentum: Option<f64>,
+    /// Layers, replacing the preset's.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Width (embedding size), replacing the preset's.
+    #[arg(long)]
+    width: Option<usize>,
+    /// Attention heads, replacing the preset's (must divide the width).
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Instead of training: run this many steps of --optimizer on the training batches and
+    /// print (and write to --out/diagnose-<optimizer>.md) each tensor's gradient norm, g-SNR
+    /// and relative size of its first update, then the loss, gradient norm and the largest
+    /// relative updates of every step.
+    #[arg(long)]
+    diagnose: Option<usize>,
     /// CPU threads (default: all cores; 1 can be faster on a machine busy with other work).
     #[arg(long)]
     threads: Option<usize>,
@@ -146,7 +190,8 @@ struct Args {
     /// round-to-nearest.
     #[arg(long)]
     stochastic_rounding: bool,
-    /// Where --compare writes compare.md and compare.png.
+    /// Where --compare writes compare.md and compare.png (with --seeds also runs.json; with
+    /// --diagnose diagnose-<optimizer>.md).
     #[arg(long, default_value = "target/compare/gpt2")]
     out: PathBuf,
     /// Tokens to sample from the model after training (default 120; 0 for gpt2-small).
@@ -331,37 +376,95 @@ fn build(cfg: Config, seed: u64, dev: &Device, weights: DType) -> Result<(VarMap
     Ok((varmap, model))
 }
 
+/// The peak learning rate of `algo`: --lr-for's, else --lr, else the default.
+fn lr_of(args: &Args, algo: Algo) -> f64 {
+    args.lr_for
+        .as_ref()
+        .and_then(|o| o.get(algo))
+        .or(args.lr)
+        .unwrap_or_else(|| default_lr(algo, args.preset))
+}
+
+/// The learning-rate schedule over `steps` (--warmup, --min-lr-ratio).
+fn schedule_of(args: &Args, steps: usize) -> candle_optim::Schedule {
+    train::schedule(steps, args.warmup, args.min_lr_ratio)
+}
+
+/// Builds `algo` over `varmap` with every setting of the command line (rate, weight decay,
+/// state format, rounding, --momentum / --gsnr-mode where they apply, clipping).
+fn make_opt(args: &Args, algo: Algo, varmap: &VarMap, seed: u64) -> Result<Box<dyn Optimizer>> {
+    let mut opt = common::make_optimizer_over(
+        algo,
+        varmap,
+        lr_of(args, algo),
+        args.weight_decay,
+        &args.state_format,
+        args.stochastic_rounding.then_some(seed),
+        &common::algo_overrides(algo, args.momentum, args.gsnr_mode.as_deref()),
+    )?;
+    opt.set_max_grad_norm((args.clip > 0.0).then_some(args.clip))?;
+    Ok(opt)
+}
+
+/// The training recipe beyond the rate, in words; `None` when every option is at its default.
+fn recipe(args: &Args, steps: usize) -> Option<String> {
+    let default = args.warmup.is_none()
+        && args.min_lr_ratio == 0.1
+        && args.clip == 1.0
+        && args.gsnr_mode.is_none()
+        && args.momentum.is_none()
+        && args.lr_for.is_none();
+    (!default).then(|| recipe_text(args, steps))
+}
+
+fn recipe_text(args: &Args, steps: usize) -> String {
+    let mut t = format!(
+        "warmup {} step(s){}, cosine to {}× the peak rate, {}, weight decay {}",
+        args.warmup.unwrap_or_else(|| train::default_warmup(steps)),
+        if args.warmup.is_none() { " (5%)" } else { "" },
+        args.min_lr_ratio,
+        if args.clip > 0.0 {
+            format!("clipping at {}", args.clip)
+        } else {
+            "no clipping".into()
+        },
+        args.weight_decay
+    );
+    if let Some(m) = &args.gsnr_mode {
+        t.push_str(&format!(", SGD-SaI g-SNR {m}"));
+    }
+    if let Some(m) = args.momentum {
+        t.push_str(&format!(", momentum {m} (SGD-SaI, SGD)"));
+    }
+    if let Some(o) = &args.lr_for {
+        let l: Vec<String> =
+            o.0.iter()
+                .map(|p| format!("{}={:e}", p.0.name(), p.1))
+                .collect();
+        t.push_str(&format!(", lr {}", l.join(",")));
+    }
+    t
+}
+
 fn run_one<'a>(
     args: &Args,
     setup: &'a Setup,
     algo: Algo,
+    seed: u64,
     dev: &Device,
     save: Option<PathBuf>,
     resume: Option<PathBuf>,
 ) -> Result<(train::Outcome, LmTask<'a>)> {
-    let (mut varmap, model) = build(
-        setup.cfg,
-        args.seed,
-        dev,
-        common::weights_dtype(&args.weights)?,
-    )?;
-    let lr = args.lr.unwrap_or_else(|| default_lr(algo, args.preset));
-    let mut opt = common::make_optimizer_with(
-        algo,
-        &varmap,
-        lr,
-        args.weight_decay,
-        &args.state_format,
-        args.stochastic_rounding.then_some(args.seed),
-    )?;
-    opt.set_max_grad_norm(Some(1.0))?;
+    let (mut varmap, model) = build(setup.cfg, seed, dev, common::weights_dtype(&args.weights)?)?;
+    let lr = lr_of(args, algo);
+    let mut opt = make_opt(args, algo, &varmap, seed)?;
     let mut task = LmTask {
         model,
         train: &setup.train,
         val: &setup.val,
         batch: setup.batch,
         ctx: setup.ctx,
-        seed: args.seed,
+        seed,
         dev: dev.clone(),
         eval_tokens: args.eval_tokens.unwrap_or(usize::MAX),
     };
@@ -374,18 +477,23 @@ fn run_one<'a>(
         resume,
         example: "gpt2",
         lr,
-        schedule: train::default_schedule(setup.steps),
+        schedule: schedule_of(args, setup.steps),
         config: json!({
             "model": setup.cfg,
             "context": setup.ctx,
             "corpus_tokens": [setup.train.len(), setup.val.len()],
             "batch": setup.batch,
-            "seed": args.seed,
+            "seed": seed,
             "lr": lr,
             "state_format": args.state_format,
             "weights": args.weights,
             "stochastic_rounding": args.stochastic_rounding,
             "weight_decay": args.weight_decay,
+            "warmup": args.warmup,
+            "min_lr_ratio": args.min_lr_ratio,
+            "clip": args.clip,
+            "optimizer_overrides":
+                common::algo_overrides(algo, args.momentum, args.gsnr_mode.as_deref()),
         }),
     };
     let out = train::train(&mut task, &mut varmap, opt.as_mut(), algo, &settings)?;
@@ -404,7 +512,36 @@ fn run(args: Args) -> Result<()> {
         args.compare.as_deref(),
         args.resume.is_some(),
     )?;
+    let seeds = args.seeds.as_deref().map(common::parse_seeds).transpose()?;
+    if seeds.is_some() && (args.resume.is_some() || args.stop_after.is_some()) {
+        return Err(
+            "--seeds trains whole runs: it cannot be combined with --resume or --stop-after".into(),
+        );
+    }
+    if args.diagnose.is_some() && (args.compare.is_some() || seeds.is_some()) {
+        return Err(
+            "--diagnose runs one --optimizer from --seed (not --compare or --seeds)".into(),
+        );
+    }
+    if !(args.clip >= 0.0 && args.clip.is_finite()) {
+        return Err("--clip must be 0 (off) or a positive norm".into());
+    }
+    if !(0.0..=1.0).contains(&args.min_lr_ratio) {
+        return Err("--min-lr-ratio must be in [0, 1]".into());
+    }
     let (n_layer, n_head, n_embd, n_ctx, batch, steps, full) = args.preset.shape();
+    let (n_layer, n_head, n_embd) = (
+        args.layers.unwrap_or(n_layer),
+        args.heads.unwrap_or(n_head),
+        args.width.unwrap_or(n_embd),
+    );
+    if n_layer == 0 || n_head == 0 || n_embd == 0 || !n_embd.is_multiple_of(n_head) {
+        return Err(format!(
+            "--layers, --heads and --width must be at least 1, and the width ({n_embd}) a \
+             multiple of the heads ({n_head})"
+        )
+        .into());
+    }
     let n_ctx_used = args.context.unwrap_or(n_ctx);
     if n_ctx_used == 0 || n_ctx_used > n_ctx {
         return Err(format!("--context must be in 1..={n_ctx} for this preset").into());
@@ -461,9 +598,16 @@ fn run(args: Args) -> Result<()> {
         }
     );
     let (varmap, _) = build(cfg, args.seed, &dev, common::weights_dtype(&args.weights)?)?;
+    let seed_text = match &seeds {
+        None => format!("seed {}", args.seed),
+        Some(s) => format!(
+            "seeds {}",
+            s.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+        ),
+    };
     println!(
         "Model: GPT-2-style, {n_layer} layers, {n_head} heads, width {n_embd}, context {}, \
-         {} parameters (preset {:?}); {} steps of {}×{} tokens on {:?}, seed {}.",
+         {} parameters (preset {:?}); {} steps of {}×{} tokens on {:?}, {seed_text}.",
         n_ctx,
         common::count_params(&varmap),
         args.preset,
@@ -471,22 +615,109 @@ fn run(args: Args) -> Result<()> {
         setup.batch,
         setup.ctx,
         dev,
-        args.seed
     );
     drop(varmap);
+    if let Some(r) = recipe(&args, setup.steps) {
+        println!("Recipe: {r}.");
+    }
+    let preset_name = args
+        .preset
+        .to_possible_value()
+        .map_or("custom".into(), |v| v.get_name().to_string());
+    let corpus_name = if args.text.is_some() {
+        "--text"
+    } else {
+        "bundled corpus"
+    };
+    if let Some(n) = args.diagnose {
+        return diagnose(&args, &setup, algos[0], &dev, n);
+    }
+    if let Some(seed_list) = seeds {
+        let title = format!(
+            "GPT-2 {preset_name} ({n_layer} layers × {n_embd}, {n_head} heads, context {}), \
+             {corpus_name}: {} steps × {}×{} tokens, {seed_text}; {}{}",
+            setup.ctx,
+            setup.steps,
+            setup.batch,
+            setup.ctx,
+            recipe_text(&args, setup.steps),
+            if args.state_format == "f32" {
+                String::new()
+            } else {
+                format!(", {} optimizer state", args.state_format)
+            }
+        );
+        let plot_title = format!(
+            "GPT-2 {preset_name} ({n_layer} layers × {n_embd}, context {}): {} steps, {} seeds",
+            setup.ctx,
+            setup.steps,
+            seed_list.len()
+        );
+        let config = json!({
+            "example": "gpt2",
+            "preset": preset_name,
+            "model": setup.cfg,
+            "context": setup.ctx,
+            "batch": setup.batch,
+            "steps": setup.steps,
+            "text": args.text,
+            "seeds": seed_list,
+            "lr": algos.iter().map(|&a| (a.name(), lr_of(&args, a))).collect::<std::collections::BTreeMap<_, _>>(),
+            "weight_decay": args.weight_decay,
+            "warmup": args.warmup.unwrap_or_else(|| train::default_warmup(setup.steps)),
+            "min_lr_ratio": args.min_lr_ratio,
+            "clip": args.clip,
+            "gsnr_mode": args.gsnr_mode,
+            "momentum": args.momentum,
+            "state_format": args.state_format,
+            "weights": args.weights,
+            "stochastic_rounding": args.stochastic_rounding,
+            "eval_tokens": args.eval_tokens,
+        });
+        let mut groups: Vec<SeedRuns> = algos
+            .iter()
+            .map(|&algo| SeedRuns {
+                algo,
+                runs: Vec::new(),
+            })
+            .collect();
+        // Seed by seed, every optimizer in turn, so the report written after each seed (and so
+        // what an interrupted run leaves) compares the optimizers on the same seeds.
+        for (i, &seed) in seed_list.iter().enumerate() {
+            for g in groups.iter_mut() {
+                let save = args
+                    .save
+                    .as_ref()
+                    .map(|d| d.join(g.algo.name()).join(format!("seed-{seed}")));
+                println!("{} with seed {seed}:", g.algo.name());
+                let out = run_one(&args, &setup, g.algo, seed, &dev, save, None)?.0;
+                g.runs.push((seed, out));
+            }
+            if i + 1 < seed_list.len() {
+                seeds::write(&args.out, &title, &plot_title, &groups, false, &config)?;
+            }
+        }
+        return seeds::report(&args.out, &title, &plot_title, &groups, false, &config);
+    }
     match &args.compare {
         None => {
             let algo = algos[0];
             println!(
-                "Optimizer: {} (lr {:.1e}, weight decay {}, warmup + cosine schedule, clipping at 1).",
+                "Optimizer: {} (lr {:.1e}, weight decay {}, warmup + cosine schedule, {}).",
                 algo.name(),
-                args.lr.unwrap_or_else(|| default_lr(algo, args.preset)),
-                args.weight_decay * common::weight_decay_factor(algo)
+                lr_of(&args, algo),
+                args.weight_decay * common::weight_decay_factor(algo),
+                if args.clip > 0.0 {
+                    format!("clipping at {}", args.clip)
+                } else {
+                    "no clipping".into()
+                }
             );
             let (_, task) = run_one(
                 &args,
                 &setup,
                 algo,
+                args.seed,
                 &dev,
                 args.save.clone(),
                 args.resume.clone(),
@@ -509,21 +740,15 @@ fn run(args: Args) -> Result<()> {
             let mut outcomes = Vec::new();
             for &algo in &algos {
                 let save = args.save.as_ref().map(|d| d.join(algo.name()));
-                outcomes.push(run_one(&args, &setup, algo, &dev, save, None)?.0);
+                outcomes.push(run_one(&args, &setup, algo, args.seed, &dev, save, None)?.0);
             }
             let title = format!(
                 "GPT-2 {} ({} layers × {}, context {}), {}: {} steps × {}×{} tokens, seed {}",
-                args.preset
-                    .to_possible_value()
-                    .map_or("custom".into(), |v| v.get_name().to_string()),
+                preset_name,
                 n_layer,
                 n_embd,
                 setup.ctx,
-                if args.text.is_some() {
-                    "--text"
-                } else {
-                    "bundled corpus"
-                },
+                corpus_name,
                 setup.steps,
                 setup.batch,
                 setup.ctx,
@@ -534,8 +759,246 @@ fn run(args: Args) -> Result<()> {
             } else {
                 format!("{title}, {} optimizer state", args.state_format)
             };
+            let title = match (recipe(&args, setup.steps), args.heads) {
+                (None, None) => title,
+                (r, h) => format!(
+                    "{title}{}{}",
+                    h.map_or(String::new(), |h| format!(", {h} heads")),
+                    r.map_or(String::new(), |r| format!("; {r}"))
+                ),
+            };
             train::report(&args.out, &title, &outcomes, false)?;
         }
     }
     Ok(())
+}
+
+/// Orders parameter names with their numeric segments as numbers (`h.2` before `h.10`).
+fn natural_key(name: &str) -> Vec<(u64, String)> {
+    name.split('.')
+        .map(|seg| match seg.parse::<u64>() {
+            Ok(n) => (n, String::new()),
+            Err(_) => (u64::MAX, seg.to_string()),
+        })
+        .collect()
+}
+
+fn l2(t: &Tensor) -> candle_core::Result<f64> {
+    Ok(t.to_dtype(DType::F32)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f32>()?
+        .sqrt() as f64)
+}
+
+/// `--diagnose N`: N steps of `algo` on the training batches, in a loop of our own that
+/// snapshots the parameters around each step (no other extra pass), and a Markdown report.
+fn diagnose(args: &Args, setup: &Setup, algo: Algo, dev: &Device, n: usize) -> Result<()> {
+    let seed = args.seed;
+    let (varmap, model) = build(setup.cfg, seed, dev, common::weights_dtype(&args.weights)?)?;
+    let lr = lr_of(args, algo);
+    let mut opt = make_opt(args, algo, &varmap, seed)?;
+    opt.set_schedule(Some(schedule_of(args, setup.steps)))?;
+    let mut task = LmTask {
+        model,
+        train: &setup.train,
+        val: &setup.val,
+        batch: setup.batch,
+        ctx: setup.ctx,
+        seed,
+        dev: dev.clone(),
+        eval_tokens: args.eval_tokens.unwrap_or(usize::MAX),
+    };
+    let mut vars: Vec<(String, Var)> = {
+        let data = varmap.data().lock().expect("varmap lock");
+        data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    };
+    vars.sort_by_key(|v| natural_key(&v.0));
+    let c = setup.cfg;
+    let mut md = format!(
+        "# --diagnose {n}: {} on GPT-2 ({} layers × {}, {} heads, context {}, vocabulary {}), \
+         batch {}×{}, seed {seed}\n\nPeak lr {lr:e}, {} steps' schedule ({}).\n\n",
+        algo.name(),
+        c.n_layer,
+        c.n_embd,
+        c.n_head,
+        setup.ctx,
+        c.vocab,
+        setup.batch,
+        setup.ctx,
+        setup.steps,
+        recipe_text(args, setup.steps),
+    );
+    print!("{md}");
+    let mut steps_md = String::from(
+        "| step | lr | train loss | grad norm (before clipping) | clip scale | ‖Δp‖/‖p‖ (all) | \
+         largest ‖Δp‖/‖p‖ | largest among matrices |\n|---:|---:|---:|---:|---:|---:|---|---|\n",
+    );
+    for step in 0..n {
+        let before: Vec<Tensor> = vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().to_dtype(DType::F32)?.copy())
+            .collect::<candle_core::Result<_>>()?;
+        let lr_now = opt.learning_rate();
+        let loss = task.train_loss(step)?;
+        let grads = loss.backward()?;
+        let l = loss.to_scalar::<f32>()? as f64;
+        let rep = opt.step(&grads)?;
+        // (name, ‖p‖, ‖Δp‖, rank)
+        let mut moved = Vec::with_capacity(vars.len());
+        let (mut p_sq, mut d_sq) = (0.0, 0.0);
+        for ((name, v), b) in vars.iter().zip(&before) {
+            let pn = l2(b)?;
+            let dn = l2(&(v.as_tensor().to_dtype(DType::F32)? - b)?)?;
+            p_sq += pn * pn;
+            d_sq += dn * dn;
+            moved.push((name.as_str(), pn, dn, v.rank()));
+        }
+        if step == 0 {
+            md.push_str(&first_step_table(
+                opt.as_ref(),
+                algo,
+                &vars,
+                &grads,
+                &moved,
+                lr_now,
+                rep.clip_scale,
+            )?);
+        }
+        let top = |matrices_only: bool| {
+            let mut ranked: Vec<(&str, f64)> = moved
+                .iter()
+                .filter(|m| m.1 > 0.0 && (!matrices_only || m.3 >= 2))
+                .map(|m| (m.0, m.2 / m.1))
+                .collect();
+            ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+            ranked
+                .iter()
+                .take(3)
+                .map(|(n, r)| format!("{n} {r:.3e}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let skipped = match &rep.skipped {
+            Some(why) => format!(" (step skipped: {why:?})"),
+            None => String::new(),
+        };
+        let line = format!(
+            "| {} | {lr_now:.3e} | {l:.4}{skipped} | {} | {:.4} | {:.3e} | {} | {} |\n",
+            step + 1,
+            rep.grad_norm
+                .map_or("- (no clipping: not computed)".into(), |g| format!(
+                    "{g:.4}"
+                )),
+            rep.clip_scale,
+            (d_sq / p_sq.max(f64::MIN_POSITIVE)).sqrt(),
+            top(false),
+            top(true)
+        );
+        if step == 0 {
+            print!("## Every step\n\n{steps_md}");
+        }
+        print!("{line}");
+        steps_md.push_str(&line);
+        if !l.is_finite() {
+            println!("The loss is {l} at step {}; stopping.", step + 1);
+            break;
+        }
+    }
+    md.push_str("## Every step\n\n");
+    md.push_str(&steps_md);
+    md.push_str(
+        "\nlr: the rate of that step (peak × schedule); grad norm: the global L2 norm before \
+         clipping (StepReport::grad_norm); ‖Δp‖/‖p‖ (all): over all parameters together; largest: \
+         the three tensors with the largest ‖Δp‖/‖p‖ (tensors with ‖p‖ = 0 left out; zero-initialised \
+         biases, just moved off 0, often lead from step 2 on); among matrices: the same over the \
+         tensors of rank ≥ 2 (weights and embeddings).\n",
+    );
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let path = args.out.join(format!("diagnose-{}.md", algo.name()));
+    std::fs::write(&path, &md).map_err(|e| format!("{}: {e}", path.display()))?;
+    println!("\nWrote {}", path.display());
+    Ok(())
+}
+
+/// The first step's per-tensor table (printed, and returned for the report).
+fn first_step_table(
+    opt: &dyn Optimizer,
+    algo: Algo,
+    vars: &[(String, Var)],
+    grads: &candle_core::backprop::GradStore,
+    moved: &[(&str, f64, f64, usize)],
+    lr: f64,
+    clip_scale: f64,
+) -> Result<String> {
+    // AdamW's first update, in closed form: m̂ = c·g and v̂ = (c·g)² after bias correction, so
+    // Δ = lr · c·g / (|c·g| + eps) element by element (eps = 1e-8, AdamW's default; c the
+    // clipping scale; weight decay left out): ‖Δ‖ = lr · √Σ (|g| / (|g| + eps/c))², which is
+    // lr · √(number of nonzero g) unless gradients are near eps.
+    let eps = 1e-8 / clip_scale.max(f64::MIN_POSITIVE);
+    let mut t = String::new();
+    t.push_str("## Step 1, per tensor\n\n");
+    let gmax = opt
+        .global_scalars()
+        .into_iter()
+        .find(|s| s.0 == "gsnr_max")
+        .map(|s| s.1);
+    if let Some(g) = gmax {
+        t.push_str(&format!(
+            "max_normalized: each tensor's rate is lr · g-SNR / {g:.4e} (the largest g-SNR).\n\n"
+        ));
+    }
+    t.push_str(&format!(
+        "lr at step 1: {lr:.4e}; clipping scale {clip_scale:.4}.\n\n\
+         | tensor | numel | ‖g‖ | g-SNR | √numel | ‖p‖ | ‖Δp‖ | ‖Δp‖/‖p‖ | AdamW ‖Δp‖/‖p‖ | ratio to AdamW |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    ));
+    for ((name, v), m) in vars.iter().zip(moved) {
+        let numel = v.elem_count();
+        let (gn, adam) = match grads.get(v.as_tensor()) {
+            Some(g) => {
+                let g = g.to_dtype(DType::F32)?;
+                let a = g.abs()?;
+                let unit = (&a / (&a + eps)?)?;
+                (l2(&g)?, lr * l2(&unit)?)
+            }
+            None => (0.0, 0.0),
+        };
+        let gsnr = opt
+            .param_state(name)
+            .and_then(|s| s.scalars.iter().find(|p| p.0 == "gsnr").map(|p| p.1));
+        let (pn, dn) = (m.1, m.2);
+        let rel = |x: f64| {
+            if pn > 0.0 {
+                format!("{:.3e}", x / pn)
+            } else {
+                "- (‖p‖ = 0)".into()
+            }
+        };
+        let ratio = if adam > 0.0 {
+            format!("{:.3}", dn / adam)
+        } else {
+            "-".into()
+        };
+        t.push_str(&format!(
+            "| {name} | {numel} | {gn:.4e} | {} | {:.1} | {pn:.4e} | {dn:.4e} | {} | {} | {ratio} |\n",
+            gsnr.map_or("-".into(), |g| format!("{g:.1}")),
+            (numel as f64).sqrt(),
+            rel(dn),
+            rel(adam),
+        ));
+    }
+    t.push_str(&format!(
+        "\n‖g‖: before clipping. g-SNR: {}. ‖Δp‖: measured, the parameters after the step minus \
+         before (weight decay included). AdamW: the first update AdamW would make at the same \
+         lr, in closed form: lr · c·g/(|c·g| + 1e-8) per element (c: the clipping scale), \
+         weight decay left out. ratio to AdamW: ‖Δp‖ over AdamW's ‖Δp‖.\n\n",
+        if algo == Algo::SgdSai {
+            "SGD-SaI's per-tensor scalar `gsnr` (opt.param_state), fixed at this step"
+        } else {
+            "only SGD-SaI has one"
+        }
+    ));
+    print!("{t}");
+    Ok(t)
 }

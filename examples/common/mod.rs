@@ -6,6 +6,7 @@
 pub mod cifar;
 pub mod nn;
 pub mod plot;
+pub mod seeds;
 pub mod text;
 pub mod train;
 
@@ -160,6 +161,28 @@ pub fn make_optimizer_with(
     state_format: &str,
     rounding_seed: Option<u64>,
 ) -> candle_optim::Result<Box<dyn Optimizer>> {
+    make_optimizer_over(
+        algo,
+        varmap,
+        lr,
+        wd,
+        state_format,
+        rounding_seed,
+        &json!({}),
+    )
+}
+
+/// [`make_optimizer_with`] with further hyperparameters (`overrides`, a JSON object whose keys
+/// replace or add to the ones built here; see [`algo_overrides`]).
+pub fn make_optimizer_over(
+    algo: Algo,
+    varmap: &VarMap,
+    lr: f64,
+    wd: f64,
+    state_format: &str,
+    rounding_seed: Option<u64>,
+    overrides: &serde_json::Value,
+) -> candle_optim::Result<Box<dyn Optimizer>> {
     let mut vars: Vec<_> = {
         let data = varmap.data().lock().expect("varmap lock");
         data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
@@ -176,7 +199,80 @@ pub fn make_optimizer_with(
     if algo == Algo::Sgd {
         hyper["momentum"] = json!(0.9);
     }
+    if let Some(o) = overrides.as_object() {
+        for (k, v) in o {
+            hyper[k.as_str()] = v.clone();
+        }
+    }
     build_named(algo, vars, &hyper, true)
+}
+
+/// The hyperparameter overrides the examples' `--momentum` and `--gsnr-mode` make for `algo`:
+/// `momentum` for SGD-SaI and SGD, `gsnr_mode` (`SgdSaiConfig`'s key) for SGD-SaI; an empty
+/// object for the other optimizers, which have neither.
+pub fn algo_overrides(
+    algo: Algo,
+    momentum: Option<f64>,
+    gsnr_mode: Option<&str>,
+) -> serde_json::Value {
+    let mut o = serde_json::Map::new();
+    if let (Some(m), Algo::SgdSai | Algo::Sgd) = (momentum, algo) {
+        o.insert("momentum".into(), json!(m));
+    }
+    if let (Some(g), Algo::SgdSai) = (gsnr_mode, algo) {
+        o.insert("gsnr_mode".into(), json!(g));
+    }
+    serde_json::Value::Object(o)
+}
+
+/// Per-optimizer learning rates (`--lr-for`).
+#[derive(Clone, Debug, Default)]
+pub struct LrOverrides(pub Vec<(Algo, f64)>);
+
+impl LrOverrides {
+    /// The rate given for `algo`, if any.
+    pub fn get(&self, algo: Algo) -> Option<f64> {
+        self.0.iter().find(|p| p.0 == algo).map(|p| p.1)
+    }
+}
+
+/// Parses `--lr-for`: `name=rate` pairs separated by commas (`sgd_sai=5e-4,adamw=1e-3`), each
+/// rate replacing `--lr` (and the default) for that optimizer.
+pub fn parse_lr_overrides(spec: &str) -> std::result::Result<LrOverrides, String> {
+    let mut out = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, rate) = item
+            .split_once('=')
+            .ok_or_else(|| format!("--lr-for: expected name=rate, got {item:?}"))?;
+        let algo = parse_algo(name.trim())?;
+        let rate: f64 = rate
+            .trim()
+            .parse()
+            .map_err(|e| format!("--lr-for: bad rate in {item:?}: {e}"))?;
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(format!("--lr-for: the rate in {item:?} must be positive"));
+        }
+        out.retain(|p: &(Algo, f64)| p.0 != algo);
+        out.push((algo, rate));
+    }
+    Ok(LrOverrides(out))
+}
+
+/// Parses `--seeds`: seeds separated by commas (`42,43,44`), duplicates dropped.
+pub fn parse_seeds(spec: &str) -> std::result::Result<Vec<u64>, String> {
+    let mut out = Vec::new();
+    for s in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let seed: u64 = s
+            .parse()
+            .map_err(|e| format!("--seeds: bad seed {s:?}: {e}"))?;
+        if !out.contains(&seed) {
+            out.push(seed);
+        }
+    }
+    if out.is_empty() {
+        return Err("--seeds needs at least one seed, e.g. 42,43,44".into());
+    }
+    Ok(out)
 }
 
 /// Builds `algo` over named variables from JSON hyperparameters (`Algo::build_with`), in the

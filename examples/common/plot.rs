@@ -197,6 +197,164 @@ pub fn loss_curves(
     write_png(path, w, h, &buf)
 }
 
+/// The mean over several curves at each x where any has a finite value, with their min and
+/// max: (x, mean, min, max).
+fn mean_band(curves: &[Vec<(f64, f64)>]) -> Vec<(f64, f64, f64, f64)> {
+    let mut by_x: std::collections::BTreeMap<i64, Vec<f64>> = Default::default();
+    for c in curves {
+        for &(x, y) in c.iter().filter(|p| p.1.is_finite()) {
+            by_x.entry(x.round() as i64).or_default().push(y);
+        }
+    }
+    by_x.into_iter()
+        .map(|(x, ys)| {
+            let mean = ys.iter().sum::<f64>() / ys.len() as f64;
+            let lo = ys.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            (x as f64, mean, lo, hi)
+        })
+        .collect()
+}
+
+struct BandPanel {
+    title: &'static str,
+    y_desc: &'static str,
+    /// Per run: (x, mean, min, max) over its seeds.
+    series: Vec<Vec<(f64, f64, f64, f64)>>,
+    percent: bool,
+}
+
+/// Draws, for each optimizer, the mean over its seeds' runs of the training loss (each run
+/// smoothed first), the validation loss and (when `classification`) the validation accuracy,
+/// with a shaded band from the seeds' minimum to their maximum, and writes it to `path` as PNG.
+pub fn seed_curves(
+    path: &Path,
+    title: &str,
+    runs: &[(&str, Vec<&History>)],
+    classification: bool,
+) -> Result<()> {
+    register_bundled_font()?;
+    let band = |f: &dyn Fn(&History) -> Vec<(f64, f64)>| -> Vec<Vec<(f64, f64, f64, f64)>> {
+        runs.iter()
+            .map(|r| mean_band(&r.1.iter().map(|h| f(h)).collect::<Vec<_>>()))
+            .collect()
+    };
+    let mut panels = vec![
+        BandPanel {
+            title: "training loss (smoothed; mean, min-max over seeds)",
+            y_desc: "cross-entropy",
+            series: band(&|h| smooth(&h.train)),
+            percent: false,
+        },
+        BandPanel {
+            title: "validation loss (mean, min-max over seeds)",
+            y_desc: "cross-entropy",
+            series: band(&|h| h.val.iter().map(|&(x, y)| (x as f64, y)).collect()),
+            percent: false,
+        },
+    ];
+    if classification {
+        panels.push(BandPanel {
+            title: "validation accuracy (mean, min-max)",
+            y_desc: "accuracy (%)",
+            series: band(&|h| h.acc.iter().map(|&(x, y)| (x as f64, 100.0 * y)).collect()),
+            percent: true,
+        });
+    }
+    let x_max = runs
+        .iter()
+        .flat_map(|r| r.1.iter().flat_map(|h| h.train.last().map(|p| p.0)))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let (w, h) = (560 * panels.len() as u32, 520u32);
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let root = root
+            .titled(title, (FAMILY, 22))
+            .map_err(|e| e.to_string())?;
+        let areas = root.split_evenly((1, panels.len()));
+        for (k, (panel, area)) in panels.iter().zip(areas.iter()).enumerate() {
+            let bounds: Vec<Vec<(f64, f64)>> = panel
+                .series
+                .iter()
+                .flat_map(|s| {
+                    [
+                        s.iter().map(|p| (p.0, p.2)).collect(),
+                        s.iter().map(|p| (p.0, p.3)).collect(),
+                    ]
+                })
+                .collect();
+            let y = y_range(&bounds, x_max, panel.percent);
+            let mut chart = ChartBuilder::on(area)
+                .caption(panel.title, (FAMILY, 16))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0f64..x_max, y.clone())
+                .map_err(|e| e.to_string())?;
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_desc(panel.y_desc)
+                .label_style((FAMILY, 13))
+                .axis_desc_style((FAMILY, 15))
+                .light_line_style(RGBColor(235, 235, 235))
+                .draw()
+                .map_err(|e| e.to_string())?;
+            let clamp = |v: f64| v.clamp(y.start, y.end);
+            // The bands first, so every mean line lies on top of them.
+            for (i, series) in panel.series.iter().enumerate() {
+                let color = COLORS[i % COLORS.len()];
+                if series.len() < 2 || series.iter().all(|p| p.2 == p.3) {
+                    continue;
+                }
+                let mut poly: Vec<(f64, f64)> = series.iter().map(|p| (p.0, clamp(p.3))).collect();
+                poly.extend(series.iter().rev().map(|p| (p.0, clamp(p.2))));
+                chart
+                    .draw_series(std::iter::once(Polygon::new(
+                        poly,
+                        color.mix(0.18).filled(),
+                    )))
+                    .map_err(|e| e.to_string())?;
+            }
+            for (i, (series, run)) in panel.series.iter().zip(runs).enumerate() {
+                let color = COLORS[i % COLORS.len()];
+                let pts: Vec<(f64, f64)> = series.iter().map(|p| (p.0, p.1)).collect();
+                let drawn = chart
+                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                    .map_err(|e| e.to_string())?;
+                if k == 0 {
+                    let name = run.0.to_string();
+                    drawn.label(name).legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+                    });
+                }
+                if pts.len() <= 30 {
+                    chart
+                        .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            if k == 0 {
+                chart
+                    .configure_series_labels()
+                    .position(SeriesLabelPosition::UpperRight)
+                    .label_font((FAMILY, 14))
+                    .background_style(WHITE.mix(0.85))
+                    .border_style(BLACK)
+                    .draw()
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        root.present().map_err(|e| e.to_string())?;
+    }
+    write_png(path, w, h, &buf)
+}
+
 /// Writes 8-bit RGB pixels as a PNG file (each row with the "Sub" filter, zlib level 9).
 pub fn write_png(path: &Path, w: u32, h: u32, rgb: &[u8]) -> Result<()> {
     let stride = w as usize * 3;

@@ -163,6 +163,19 @@ pub fn default_schedule(steps: usize) -> Schedule {
     Schedule::warmup_cosine(warmup, steps as u64, 0.1)
 }
 
+/// The default warmup of [`default_schedule`]: 5% of the steps, 1 to 200.
+pub fn default_warmup(steps: usize) -> usize {
+    (steps / 20).clamp(1, 200)
+}
+
+/// Linear warmup over `warmup` steps ([`default_warmup`] when `None`), then cosine decay to
+/// `min_lr_ratio` of the peak at the last step; `schedule(steps, None, 0.1)` is
+/// [`default_schedule`].
+pub fn schedule(steps: usize, warmup: Option<usize>, min_lr_ratio: f64) -> Schedule {
+    let warmup = warmup.unwrap_or_else(|| default_warmup(steps)) as u64;
+    Schedule::warmup_cosine(warmup, steps as u64, min_lr_ratio)
+}
+
 /// Runs an example's `main` body, printing an error plainly (not `Debug`-quoted).
 pub fn exit_on_error(r: Result<()>) {
     if let Err(e) = r {
