@@ -5,7 +5,9 @@
 //! ```text
 //! cargo run --release --example bench -- [--sets gpt2,10m] [--threads 1,2] [--steps 10]
 //!     [--json bench.json] [--torch [PYTHON]] [--torch-variants adamw_fused,...] [--control]
-//!     [--skip-candle-nn]
+//!     [--skip-candle-nn] [--sharded 2,4]
+//! cargo run --release --example bench -- --sets 10m --threads 1,2 --only adamw --sharded 2 \
+//!     --formats f32 --skip-candle-nn
 //! ```
 //!
 //! Effective GB/s is the bytes each step must move (`Algo::step_traffic_bytes`: params,
@@ -23,17 +25,34 @@
 //! it allocated after (everything afresh in between): on the development VM the process that
 //! allocates second steps several percent faster, whichever it is. The last column gives the
 //! medians of the two halves; the other columns pool them.
+//!
+//! `--sharded N,...` adds ZeRO-1 rows (`<algo>_zero1_<N>ranks`; `--only` defaults to adamw in
+//! this mode): `dist::Sharded` over the same parameters with N ranks as threads of this process
+//! on `ThreadComm`, each rank with its own copy of the parameters and gradients and its own
+//! rayon pool of `--threads` threads, its blocks of steps interleaved with the other rows'. The
+//! step time is the slowest rank's, all ranks started together by a barrier. The same machine
+//! does every rank's work, so the sharded step is not expected to beat the unsharded one here:
+//! what the rows measure is the per-rank update against the unsharded update, and the
+//! communication (reduce-scatter and all-gather through shared memory) that sharding adds. A second table gives rank 0's
+//! split of the step, the ratio to the unsharded row of the same format, the optimizer state per
+//! rank against the unsharded state, and the bytes a rank puts into collectives per step
+//! against 2Ψ (twice the parameters' bytes).
 
 mod common;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_optim::bench_internals::simd;
-use candle_optim::{Algo, NonFinitePolicy};
+use candle_optim::dist::{Communicator, Sharded, StepTiming, ThreadComm};
+use candle_optim::{
+    Algo, AlgoVisitor, Algorithm, MuonConfig, NonFinitePolicy, Optim, OptimBuilder, Optimizer as _,
+    StateFormat,
+};
 use clap::Parser;
 use rayon::prelude::*;
 use serde::Serialize;
-use std::time::Instant;
+use std::sync::{mpsc, Arc, Barrier};
+use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
 #[command(about = "Optimizer step benchmark (CPU), side by side")]
@@ -82,6 +101,10 @@ struct Args {
     /// Cap the SIMD level of the element loops: base, avx2 or avx512 (default: the CPU's best).
     #[arg(long)]
     simd: Option<String>,
+    /// Also step ZeRO-1 (`dist::Sharded`) with these numbers of ranks, as threads of this
+    /// process on `ThreadComm` (rows `<algo>_zero1_<N>ranks`); `--only` then defaults to adamw.
+    #[arg(long, value_delimiter = ',')]
+    sharded: Vec<usize>,
 }
 
 /// Resident-set high-water mark growth over one call of `f` (Linux: resets the mark through
@@ -119,6 +142,33 @@ struct Row {
     speedup_vs_candle_nn: Option<f64>,
     /// Peak resident memory added during one step, as % of the parameters' bytes.
     peak_extra_pct: Option<f64>,
+    /// ZeRO-1 rows (`--sharded`) only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sharded: Option<ShardedStats>,
+}
+
+/// What a ZeRO-1 row (`--sharded`) adds.
+#[derive(Serialize, Clone, Debug)]
+struct ShardedStats {
+    ranks: usize,
+    /// The unsharded row of the same optimizer and state format, measured in the same rounds.
+    reference: String,
+    /// The reference's median step (ms), and this row's median step over it.
+    reference_ms: f64,
+    vs_reference: f64,
+    /// Rank 0's medians (ms) of the parts of `Sharded::last_step_timing` (a rank's collectives
+    /// include its wait for the others).
+    reduce_scatter_ms: f64,
+    update_ms: f64,
+    all_gather_ms: f64,
+    /// Median over steps of the slowest rank's update (ms).
+    update_max_ms: f64,
+    /// `Optimizer::state_bytes` of each rank, and of the unsharded optimizer.
+    state_bytes_per_rank: Vec<usize>,
+    state_bytes_unsharded: usize,
+    /// `Sharded::collective_bytes_per_step` (rank 0) and `Sharded::param_bytes` (Ψ).
+    collective_bytes_per_step: usize,
+    param_bytes: usize,
 }
 
 /// GPT-2 small: 124,439,808 parameters.
@@ -219,7 +269,9 @@ type BoxResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 fn main() -> BoxResult<()> {
     let args = Args::parse();
-    let algos: Vec<Algo> = if args.only.is_empty() {
+    let algos: Vec<Algo> = if args.only.is_empty() && !args.sharded.is_empty() {
+        vec![Algo::AdamW]
+    } else if args.only.is_empty() {
         Algo::ALL.to_vec()
     } else {
         args.only
@@ -237,11 +289,24 @@ fn main() -> BoxResult<()> {
     if args.serve {
         return serve(&args, &algos);
     }
-    println!(
-        "SIMD level: {:?}; cores: {}",
-        simd::level(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
+    if args.sharded.contains(&0) {
+        return Err("--sharded takes rank counts of at least 1".into());
+    }
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("SIMD level: {:?}; cores: {cores}", simd::level());
+    if !args.sharded.is_empty() {
+        println!(
+            "\nZeRO-1 rows (--sharded): N ranks are N threads of this process on ThreadComm, each\n\
+             with its own copy of the parameters and gradients and its own rayon pool of the\n\
+             table's thread count (N x threads OS threads on {cores} cores). This one machine does\n\
+             every rank's share of the update, and the collectives are copies and sums in shared\n\
+             memory: a sharded step is not expected to beat the unsharded one here. Read the\n\
+             per-rank update against the unsharded step (on N machines each rank would update\n\
+             1/N of the parameters with a machine to itself), and reduce-scatter + all-gather as\n\
+             the communication overhead that sharding adds. Step time: the slowest rank's, all\n\
+             ranks started together by a barrier."
+        );
+    }
     let mut rows: Vec<Row> = Vec::new();
     for set in &args.sets {
         let shapes = shapes_of(set)?;
@@ -314,6 +379,8 @@ fn time_block(k: usize, f: &mut dyn FnMut()) -> Vec<f64> {
 /// allocated (by one untimed step), so that all of our memory is in place before the peers
 /// allocate theirs, or after (see [`measure`]).
 struct Ours {
+    /// The parameters (the initial values of the ZeRO-1 ranks' copies).
+    vars: Vec<(String, Var)>,
     grads: GradStore,
     opts: Vec<(String, Box<dyn candle_optim::Optimizer>)>,
     /// Bytes each of `opts` moves per step (`Algo::step_traffic_bytes`).
@@ -340,7 +407,7 @@ impl Ours {
             );
             vars.push((name.clone(), v));
         }
-        let hyper = serde_json::json!({"lr": 1e-4, "weight_decay": 0.01});
+        let hyper = bench_hyper("f32");
         let mut opts: Vec<(String, Box<dyn candle_optim::Optimizer>)> = Vec::new();
         let mut bytes = Vec::new();
         let dims: Vec<(Vec<usize>, DType)> = shapes
@@ -352,8 +419,7 @@ impl Ours {
                 if format == "f32" || algo == Algo::Muon {
                     continue;
                 }
-                let mut hyper = hyper.clone();
-                hyper["state_format"] = format.as_str().into();
+                let hyper = bench_hyper(format);
                 let b = algo.step_traffic_bytes(&hyper, &dims)?;
                 let mut opt = common::build_named(algo, vars.clone(), &hyper, false)?;
                 opt.set_non_finite_policy(NonFinitePolicy::Propagate);
@@ -407,12 +473,288 @@ impl Ours {
             None
         };
         Ok(Self {
+            vars,
             grads,
             opts,
             bytes,
             cn,
         })
     }
+}
+
+/// How long a ZeRO-1 rank waits for the others in one collective before the bench fails.
+const RANK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Hyperparameters of every optimizer of the bench, in state format `format`.
+fn bench_hyper(format: &str) -> serde_json::Value {
+    let mut hyper = serde_json::json!({"lr": 1e-4, "weight_decay": 0.01});
+    if format != "f32" {
+        hyper["state_format"] = format.into();
+    }
+    hyper
+}
+
+/// As `common::build_named` (its embedding-or-head test for Muon's AdamW group, without
+/// no-decay), returning the `Optim<A>` that `Sharded` wraps.
+fn build_optim<A: Algorithm>(
+    vars: Vec<(String, Var)>,
+    hyper: &serde_json::Value,
+) -> BoxResult<Optim<A>> {
+    let mut hp = hyper.clone();
+    let format = match hp.as_object_mut().and_then(|o| o.remove("state_format")) {
+        Some(serde_json::Value::String(f)) => StateFormat::from_name(&f, None)?,
+        _ => StateFormat::F32,
+    };
+    let config: A = serde_json::from_value(hp)?;
+    let mut b = OptimBuilder::new(config)
+        .named_vars(vars)
+        .state_format(format);
+    if std::any::TypeId::of::<A>() == std::any::TypeId::of::<MuonConfig>() {
+        let embedding_or_head = |name: &str| {
+            name.split(['.', '/']).any(|s| {
+                matches!(
+                    s,
+                    "wte"
+                        | "wpe"
+                        | "lm_head"
+                        | "head"
+                        | "fc"
+                        | "classifier"
+                        | "cls_token"
+                        | "pos_embed"
+                ) || s.contains("embed")
+            })
+        };
+        b = b.group(
+            |n, _| embedding_or_head(n),
+            |c: &mut A| {
+                if let Some(m) = (c as &mut dyn std::any::Any).downcast_mut::<MuonConfig>() {
+                    m.use_muon = false;
+                }
+            },
+        );
+    }
+    Ok(b.build()?)
+}
+
+/// One timed step of one rank.
+struct RankStep {
+    ms: f64,
+    timing: StepTiming,
+}
+
+enum RankMsg {
+    /// Built, one step taken (the state exists): `state_bytes`, `collective_bytes_per_step`,
+    /// `param_bytes`.
+    Ready(usize, usize, usize),
+    /// One untimed step, then these.
+    Block(Vec<RankStep>),
+    Failed(String),
+}
+
+/// What a rank thread starts with.
+struct Rank {
+    comm: ThreadComm,
+    /// Names, parameters and gradients, which the rank copies.
+    init: Arc<Vec<(String, Tensor, Tensor)>>,
+    hyper: serde_json::Value,
+    threads: usize,
+    barrier: Arc<Barrier>,
+    cmds: mpsc::Receiver<usize>,
+    out: mpsc::Sender<RankMsg>,
+}
+
+impl AlgoVisitor for Rank {
+    type Output = std::io::Result<std::thread::JoinHandle<()>>;
+    fn visit<A: Algorithm>(self) -> Self::Output {
+        std::thread::Builder::new()
+            .name(format!("rank{}", self.comm.rank()))
+            .spawn(move || {
+                let out = self.out.clone();
+                if let Err(e) = rank_main::<A>(self) {
+                    let _ = out.send(RankMsg::Failed(e.to_string()));
+                }
+            })
+    }
+}
+
+/// A rank: its own parameters, gradients, `Sharded` optimizer and rayon pool; answers each
+/// request `k` with one untimed and `k` timed steps, every step started with the other ranks
+/// at a barrier.
+fn rank_main<A: Algorithm>(r: Rank) -> BoxResult<()> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(r.threads)
+        .build()?;
+    let mut vars = Vec::with_capacity(r.init.len());
+    let mut grads = GradStore::default();
+    for (name, p, g) in r.init.iter() {
+        let v = Var::from_tensor(&p.copy()?)?;
+        grads.insert(v.as_tensor(), g.copy()?);
+        vars.push((name.clone(), v));
+    }
+    let opt = build_optim::<A>(vars, &r.hyper)?;
+    let mut opt = Sharded::new(opt, Arc::new(r.comm))?;
+    opt.set_non_finite_policy(NonFinitePolicy::Propagate);
+    pool.install(|| {
+        r.barrier.wait();
+        opt.step(&grads)
+    })?;
+    r.out.send(RankMsg::Ready(
+        opt.state_bytes(),
+        opt.collective_bytes_per_step(),
+        opt.param_bytes(),
+    ))?;
+    while let Ok(k) = r.cmds.recv() {
+        let steps = pool.install(|| -> candle_optim::Result<Vec<RankStep>> {
+            let mut steps = Vec::with_capacity(k);
+            for i in 0..=k {
+                r.barrier.wait();
+                let t = Instant::now();
+                opt.step(&grads)?;
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                if i > 0 {
+                    steps.push(RankStep {
+                        ms,
+                        timing: opt.last_step_timing(),
+                    });
+                }
+            }
+            Ok(steps)
+        })?;
+        r.out.send(RankMsg::Block(steps))?;
+    }
+    Ok(())
+}
+
+/// The ranks of one ZeRO-1 row, as threads waiting for requests.
+struct RankGroup {
+    name: String,
+    cmds: Vec<mpsc::Sender<usize>>,
+    msgs: Vec<mpsc::Receiver<RankMsg>>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+    /// Every rank's state bytes; rank 0's collective bytes per step and parameter bytes.
+    state_bytes: Vec<usize>,
+    collective_bytes: usize,
+    param_bytes: usize,
+    /// A rank failed: the others may wait in a collective or at the barrier, so they are not
+    /// joined.
+    failed: bool,
+}
+
+impl RankGroup {
+    /// Starts `ranks` ranks stepping `algo` and waits until each has taken one step.
+    fn start(
+        name: String,
+        algo: Algo,
+        hyper: &serde_json::Value,
+        ranks: usize,
+        threads: usize,
+        init: &Arc<Vec<(String, Tensor, Tensor)>>,
+    ) -> BoxResult<Self> {
+        let barrier = Arc::new(Barrier::new(ranks));
+        let mut g = RankGroup {
+            name,
+            cmds: Vec::new(),
+            msgs: Vec::new(),
+            handles: Vec::new(),
+            state_bytes: Vec::new(),
+            collective_bytes: 0,
+            param_bytes: 0,
+            failed: false,
+        };
+        for comm in ThreadComm::group_with_timeout(ranks, RANK_TIMEOUT)? {
+            let (cmd_tx, cmd_rx) = mpsc::channel();
+            let (msg_tx, msg_rx) = mpsc::channel();
+            let rank = Rank {
+                comm,
+                init: init.clone(),
+                hyper: hyper.clone(),
+                threads,
+                barrier: barrier.clone(),
+                cmds: cmd_rx,
+                out: msg_tx,
+            };
+            g.handles.push(algo.visit(rank)?);
+            g.cmds.push(cmd_tx);
+            g.msgs.push(msg_rx);
+        }
+        for r in 0..ranks {
+            match g.recv(r)? {
+                RankMsg::Ready(state, collective, param) => {
+                    g.state_bytes.push(state);
+                    if r == 0 {
+                        g.collective_bytes = collective;
+                        g.param_bytes = param;
+                    }
+                }
+                _ => return Err(g.fail(format!("rank {r}: unexpected reply"))),
+            }
+        }
+        Ok(g)
+    }
+
+    fn fail(&mut self, why: String) -> Box<dyn std::error::Error + Send + Sync> {
+        self.failed = true;
+        format!("{}: {why}", self.name).into()
+    }
+
+    fn recv(&mut self, r: usize) -> BoxResult<RankMsg> {
+        match self.msgs[r].recv() {
+            Ok(RankMsg::Failed(e)) => Err(self.fail(format!("rank {r}: {e}"))),
+            Ok(m) => Ok(m),
+            Err(_) => Err(self.fail(format!("rank {r} ended"))),
+        }
+    }
+
+    /// One untimed and `k` timed steps on every rank: the time of each step (the slowest
+    /// rank's, ms), rank 0's split of it and the slowest rank's update (ms).
+    fn block(&mut self, k: usize) -> BoxResult<(Vec<f64>, Vec<StepTiming>, Vec<f64>)> {
+        for r in 0..self.cmds.len() {
+            if self.cmds[r].send(k).is_err() {
+                return Err(self.fail(format!("rank {r} ended")));
+            }
+        }
+        let mut ms = vec![0.0f64; k];
+        let mut update_max = vec![0.0f64; k];
+        let mut split = Vec::new();
+        for r in 0..self.msgs.len() {
+            let RankMsg::Block(steps) = self.recv(r)? else {
+                return Err(self.fail(format!("rank {r}: unexpected reply")));
+            };
+            for ((m, u), s) in ms.iter_mut().zip(&mut update_max).zip(&steps) {
+                *m = m.max(s.ms);
+                *u = u.max(s.timing.update.as_secs_f64() * 1e3);
+            }
+            if r == 0 {
+                split = steps.iter().map(|s| s.timing).collect();
+            }
+        }
+        Ok((ms, split, update_max))
+    }
+}
+
+impl Drop for RankGroup {
+    fn drop(&mut self) {
+        self.cmds.clear(); // each rank's request loop ends
+        if !self.failed {
+            for h in self.handles.drain(..) {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// A ZeRO-1 row's figures over all of its blocks.
+struct ShardAcc {
+    name: String,
+    reference: String,
+    ranks: usize,
+    split: Vec<StepTiming>,
+    update_max: Vec<f64>,
+    state_bytes: Vec<usize>,
+    state_bytes_unsharded: usize,
+    collective_bytes: usize,
+    param_bytes: usize,
 }
 
 /// One set and thread count. Every measurement runs round-robin (one block of steps of each
@@ -470,6 +812,7 @@ fn measure(
             })
     };
     let mut peak: Vec<(String, Option<u64>)> = Vec::new();
+    let mut shard_accs: Vec<ShardAcc> = Vec::new();
     for half in 0..halves {
         let (mut ours, mut peers) = if half == 0 {
             let ours = new_ours()?;
@@ -478,6 +821,7 @@ fn measure(
             let peers = start_peers();
             (new_ours()?, peers)
         };
+        let mut groups = start_rank_groups(args, algos, &ours, threads, &mut shard_accs)?;
         // Slot of every measurement in `names`, in the order they run.
         let mut slots = vec![
             slot_of(&mut names, "stream_copy", 8 * n),
@@ -489,6 +833,10 @@ fn measure(
         if ours.cn.is_some() {
             slots.push(slot_of(&mut names, "candle_nn_adamw", 28 * n));
         }
+        let group_slots: Vec<usize> = groups
+            .iter()
+            .map(|(g, b)| slot_of(&mut names, &g.name, *b))
+            .collect();
         let peer_slots: Vec<Vec<usize>> = peers
             .iter()
             .map(|p| {
@@ -551,12 +899,21 @@ fn measure(
                     use candle_nn::optim::Optimizer as _;
                     record(next(), time_block(block, &mut || cn.step(grads).unwrap()));
                 }
+                for ((g, _), &slot) in groups.iter_mut().zip(&group_slots) {
+                    let (ms, split, update_max) = g.block(block).unwrap_or_else(|e| panic!("{e}"));
+                    record(slot, ms);
+                    let acc = shard_accs.iter_mut().find(|a| a.name == g.name);
+                    let acc = acc.expect("an accumulator per group");
+                    acc.split.extend(split);
+                    acc.update_max.extend(update_max);
+                }
                 if round % 2 == 0 {
                     peer_blocks(&mut record);
                 }
             }
         });
         drop(peers);
+        drop(groups);
         if half + 1 == halves {
             // Peak extra memory of one step of each optimizer (state exists by now): the step
             // allocates nothing proportional to the model.
@@ -590,6 +947,7 @@ fn measure(
                 pct_triad: 0.0,
                 speedup_vs_candle_nn: None,
                 peak_extra_pct: None,
+                sharded: None,
             }
         })
         .collect();
@@ -610,7 +968,102 @@ fn measure(
         r.pct_triad = 100.0 * r.gbps / triad;
         r.speedup_vs_candle_nn = cnn.map(|c| c / r.ms_median);
     }
+    for a in shard_accs {
+        let reference_ms = local
+            .iter()
+            .find(|r| r.name == a.reference)
+            .map_or(f64::NAN, |r| r.ms_median);
+        let part = |f: fn(&StepTiming) -> Duration| {
+            let ms: Vec<f64> = a.split.iter().map(|t| f(t).as_secs_f64() * 1e3).collect();
+            common::median(&ms)
+        };
+        let stats = ShardedStats {
+            ranks: a.ranks,
+            reference: a.reference.clone(),
+            reference_ms,
+            vs_reference: f64::NAN,
+            reduce_scatter_ms: part(|t| t.reduce_scatter),
+            update_ms: part(|t| t.update),
+            all_gather_ms: part(|t| t.all_gather),
+            update_max_ms: common::median(&a.update_max),
+            state_bytes_per_rank: a.state_bytes,
+            state_bytes_unsharded: a.state_bytes_unsharded,
+            collective_bytes_per_step: a.collective_bytes,
+            param_bytes: a.param_bytes,
+        };
+        if let Some(r) = local.iter_mut().find(|r| r.name == a.name) {
+            r.sharded = Some(ShardedStats {
+                vs_reference: r.ms_median / reference_ms,
+                ..stats
+            });
+        }
+    }
     Ok(local)
+}
+
+/// `--sharded`: a group of ranks for every optimizer, state format (as the unsharded rows) and
+/// number of ranks, each with its row's bytes per step (those of the unsharded row: the ranks
+/// update the same parameters between them); `accs` gets their figures.
+fn start_rank_groups(
+    args: &Args,
+    algos: &[Algo],
+    ours: &Ours,
+    threads: usize,
+    accs: &mut Vec<ShardAcc>,
+) -> BoxResult<Vec<(RankGroup, usize)>> {
+    let mut groups = Vec::new();
+    if args.sharded.is_empty() {
+        return Ok(groups);
+    }
+    let init: Vec<(String, Tensor, Tensor)> = ours
+        .vars
+        .iter()
+        .map(|(name, v)| {
+            let g = ours
+                .grads
+                .get(v.as_tensor())
+                .ok_or("a parameter without gradient")?;
+            Ok((name.clone(), v.as_tensor().clone(), g.clone()))
+        })
+        .collect::<BoxResult<_>>()?;
+    let init = Arc::new(init);
+    for &algo in algos {
+        for format in &args.formats {
+            if format != "f32" && algo == Algo::Muon {
+                continue;
+            }
+            let (reference, prefix) = if format == "f32" {
+                (format!("{}_fused", algo.name()), algo.name().to_string())
+            } else {
+                let f = format!("{}_{format}", algo.name());
+                (f.clone(), f)
+            };
+            let Some(i) = ours.opts.iter().position(|(n, _)| *n == reference) else {
+                continue;
+            };
+            for &ranks in &args.sharded {
+                let name = format!("{prefix}_zero1_{ranks}ranks");
+                let hyper = bench_hyper(format);
+                let g = RankGroup::start(name.clone(), algo, &hyper, ranks, threads, &init)?;
+                match accs.iter_mut().find(|a| a.name == name) {
+                    Some(a) => a.state_bytes = g.state_bytes.clone(),
+                    None => accs.push(ShardAcc {
+                        name,
+                        reference: reference.clone(),
+                        ranks,
+                        split: Vec::new(),
+                        update_max: Vec::new(),
+                        state_bytes: g.state_bytes.clone(),
+                        state_bytes_unsharded: ours.opts[i].1.state_bytes(),
+                        collective_bytes: g.collective_bytes,
+                        param_bytes: g.param_bytes,
+                    }),
+                }
+                groups.push((g, ours.bytes[i]));
+            }
+        }
+    }
+    Ok(groups)
 }
 
 /// `--serve`: the control peer. Our fused optimizers on the first set and thread count,
@@ -656,9 +1109,17 @@ fn serve(args: &Args, algos: &[Algo]) -> BoxResult<()> {
 
 fn print_table(rows: &[Row]) {
     let r0 = &rows[0];
+    // The ZeRO-1 rows' names are longer than the others'.
+    let w = rows
+        .iter()
+        .filter(|r| r.sharded.is_some())
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(24);
     println!("\nset {} · {} thread(s)", r0.set, r0.threads);
     println!(
-        "{:<24} {:>10} {:>19} {:>9} {:>8} {:>10} {:>11} {:>19}",
+        "{:<w$} {:>10} {:>19} {:>9} {:>8} {:>10} {:>11} {:>19}",
         "step",
         "ms (med)",
         "spread (min–max)",
@@ -670,7 +1131,7 @@ fn print_table(rows: &[Row]) {
     );
     for r in rows {
         println!(
-            "{:<24} {:>10.2} {:>9.2} – {:>7.2} {:>9.2} {:>7.1}% {:>10} {:>11} {:>19}",
+            "{:<w$} {:>10.2} {:>9.2} – {:>7.2} {:>9.2} {:>7.1}% {:>10} {:>11} {:>19}",
             r.name,
             r.ms_median,
             r.ms_min,
@@ -682,6 +1143,77 @@ fn print_table(rows: &[Row]) {
             r.peak_extra_pct.map_or("-".into(), |p| format!("{p:.3}%")),
             r.ms_median_by_order
                 .map_or("-".into(), |[a, b]| format!("{a:.2} / {b:.2}"))
+        );
+    }
+    print_sharded(rows, w);
+}
+
+/// The ZeRO-1 rows' figures (`--sharded`), under the table.
+fn print_sharded(rows: &[Row], w: usize) {
+    let sharded: Vec<(&Row, &ShardedStats)> = rows
+        .iter()
+        .filter_map(|r| r.sharded.as_ref().map(|s| (r, s)))
+        .collect();
+    if sharded.is_empty() {
+        return;
+    }
+    let threads = rows[0].threads;
+    println!(
+        "\nZeRO-1 (ranks: threads of this process, each with a pool of {threads} thread(s), \
+         sharing this machine's cores)\n\
+         rs / upd / ag: rank 0's medians of reduce-scatter / update / all-gather (its \
+         collectives include waiting for the other ranks)\n\
+         upd max: the slowest rank's update (median); upd/uns: upd max over the unsharded step\n\
+         comm %: the collectives' share of rank 0's parts; state/rank: the largest rank's \
+         optimizer state vs the unsharded one's\n\
+         coll./2Ψ: the bytes a rank puts into collectives per step over twice the \
+         parameters' bytes"
+    );
+    println!(
+        "{:<w$} {:>9} {:>24} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>20} {:>7} {:>9}",
+        "step",
+        "ms (med)",
+        "unsharded (ms med)",
+        "ratio",
+        "rs ms",
+        "upd ms",
+        "ag ms",
+        "upd max",
+        "upd/uns",
+        "comm %",
+        "state/rank (vs uns.)",
+        "ratio",
+        "coll./2Ψ"
+    );
+    for (r, s) in sharded {
+        let max_state = s.state_bytes_per_rank.iter().copied().max().unwrap_or(0);
+        let parts = s.reduce_scatter_ms + s.update_ms + s.all_gather_ms;
+        println!(
+            "{:<w$} {:>9.2} {:>24} {:>6.2}x {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>6.2}x {:>6.1}% {:>20} {:>6.3}x {:>8.4}x",
+            r.name,
+            r.ms_median,
+            format!("{} {:.2}", s.reference, s.reference_ms),
+            s.vs_reference,
+            s.reduce_scatter_ms,
+            s.update_ms,
+            s.all_gather_ms,
+            s.update_max_ms,
+            s.update_max_ms / s.reference_ms,
+            100.0 * (s.reduce_scatter_ms + s.all_gather_ms) / parts,
+            format!(
+                "{} / {}",
+                common::human_bytes(max_state),
+                common::human_bytes(s.state_bytes_unsharded)
+            ),
+            max_state as f64 / s.state_bytes_unsharded as f64,
+            s.collective_bytes_per_step as f64 / (2 * s.param_bytes) as f64,
+        );
+        println!(
+            "{:<w$}   state per rank: {:?} B; collectives per step and rank: {} B, 2Ψ = {} B",
+            "",
+            s.state_bytes_per_rank,
+            s.collective_bytes_per_step,
+            2 * s.param_bytes
         );
     }
 }
