@@ -424,18 +424,26 @@ impl<A: Algorithm> Sharded<A> {
                 mine.push(self.comm.reduce_scatter(&send, ReduceOp::Avg)?);
                 lo = hi;
             }
-            let seg = if mine.len() == 1 {
-                mine.pop().expect("one bucket")
-            } else {
-                Tensor::cat(&mine, 0)?
-            };
             for loc in self.locals.iter().filter(|loc| loc.layout == li) {
                 let p = loc.piece;
                 if present[p.param] > 0.0 {
-                    let g = seg
-                        .narrow(0, p.seg_offset, p.len)?
-                        .reshape(loc.var.shape())?;
-                    store.insert(loc.var.as_tensor(), g);
+                    // A view of the bucket that holds it; a copy only where a piece straddles
+                    // buckets.
+                    let (first, last) =
+                        (p.seg_offset / bucket, (p.seg_offset + p.len - 1) / bucket);
+                    let g = if first == last {
+                        mine[first].narrow(0, p.seg_offset - first * bucket, p.len)?
+                    } else {
+                        let parts = (first..=last)
+                            .map(|b| {
+                                let lo = p.seg_offset.max(b * bucket);
+                                let hi = (p.seg_offset + p.len).min((b + 1) * bucket);
+                                mine[b].narrow(0, lo - b * bucket, hi - lo)
+                            })
+                            .collect::<candle_core::Result<Vec<_>>>()?;
+                        Tensor::cat(&parts, 0)?
+                    };
+                    store.insert(loc.var.as_tensor(), g.reshape(loc.var.shape())?);
                 }
             }
         }
