@@ -10,6 +10,8 @@
 //! cargo run --release --example ddp -- --ranks 3 --mode ddp --optimizer lion --check
 //! cargo run --release --example ddp -- --ranks 4 --optimizer sgd_sai --steps 200
 //! cargo run --release --example ddp -- --optimizer adamw --state-format blockwise8 --check
+//! cargo run --release --features nccl --example ddp -- --device cuda --ranks 1 --check
+//! cargo run --release --features nccl --example ddp -- --device cuda --ranks 8   # 8 GPUs
 //! ```
 //!
 //! Every rank builds the same model from `--seed`. Each step draws one global batch of
@@ -33,8 +35,9 @@
 //! Each rank runs in a thread pool of its own, `--threads` threads (default: the cores divided
 //! among the ranks), so the ranks do not contend for one pool.
 //!
-//! [`train_rank`] is one rank's whole run, for any [`Communicator`] (an NCCL launcher runs one
-//! per GPU).
+//! [`train_rank`] is one rank's whole run, for any [`Communicator`]. With `--device cuda`
+//! (feature `nccl`) the example launches one process per GPU, each joining one NCCL group
+//! (`NcclComm`; the group's id handed over in a file) and running `train_rank` on its GPU.
 
 mod common;
 
@@ -114,9 +117,20 @@ struct Args {
     /// divided among the ranks, at least 1).
     #[arg(long)]
     threads: Option<usize>,
-    /// Also train one process on the same data and compare the parameters bit for bit.
+    /// Also train one process on the same data and compare the parameters bit for bit (with
+    /// `--device cuda`: at one rank only, against the unsharded optimizer on the same GPU).
     #[arg(long)]
     check: bool,
+    /// cpu (ranks are threads of this process), or cuda: one process per GPU over NCCL (build
+    /// with `--features nccl`; rank r runs on GPU r).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Set by the launcher in each NCCL rank's process.
+    #[arg(long, hide = true)]
+    rank: Option<usize>,
+    /// The file holding the NCCL group's id (written by the launcher).
+    #[arg(long, hide = true)]
+    nccl_id: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -790,6 +804,11 @@ fn run(args: Args) -> Result<()> {
     let algo = args.algo()?;
     args.bucket_bytes()?;
     StateFormat::from_name(&args.state_format, None)?;
+    match args.device.as_str() {
+        "cpu" => {}
+        "cuda" => return run_nccl(&args),
+        other => return Err(format!("--device must be cpu or cuda, got {other:?}").into()),
+    }
     // One pool of `threads` per rank; candle's matrix products ask for as many (they read
     // RAYON_NUM_THREADS), so the ranks do not contend for one shared pool.
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
@@ -888,4 +907,76 @@ fn run(args: Args) -> Result<()> {
         compare(first, &single, exact)?;
     }
     Ok(())
+}
+
+#[cfg(not(feature = "nccl"))]
+fn run_nccl(_: &Args) -> Result<()> {
+    Err("--device cuda runs one process per GPU over NCCL: build with --features nccl".into())
+}
+
+/// One process per GPU: the launcher (no `--rank`) writes an NCCL id to a file and starts
+/// `--ranks` copies of this program with `--rank r`; each joins the group on GPU r and runs
+/// [`train_rank`]. With `--check` at one rank, rank 0 also trains the unsharded optimizer on the
+/// same GPU and compares.
+#[cfg(feature = "nccl")]
+fn run_nccl(args: &Args) -> Result<()> {
+    use candle_optim::dist::{NcclComm, NcclId};
+    if let (Some(rank), Some(path)) = (args.rank, &args.nccl_id) {
+        let id = NcclId::from_bytes(&std::fs::read(path)?)?;
+        let device = Device::new_cuda(rank)?;
+        let comm = NcclComm::new(&device, rank, args.ranks, &id)?;
+        let result = train_rank(Arc::new(comm), &device, args)?;
+        if args.check && args.ranks == 1 {
+            let single = train_single(args, &device)?;
+            let exact = args.mode == Mode::Ddp || args.max_grad_norm.is_none();
+            compare(&result, &single, exact)?;
+        } else if args.check && rank == 0 {
+            println!("check: only at --ranks 1 over NCCL (one process per GPU)");
+        }
+        return Ok(());
+    }
+    let id = NcclId::new()?;
+    let path = std::env::temp_dir().join(format!("candle-optim-nccl-{}.id", std::process::id()));
+    std::fs::write(&path, id.to_bytes())?;
+    println!(
+        "{} rank(s), one process per GPU over NCCL; {} mode.",
+        args.ranks,
+        match args.mode {
+            Mode::Zero1 => "zero1",
+            Mode::Ddp => "ddp",
+        }
+    );
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::with_capacity(args.ranks);
+    for r in 0..args.ranks {
+        let child = std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .arg("--rank")
+            .arg(r.to_string())
+            .arg("--nccl-id")
+            .arg(&path)
+            .spawn();
+        match child {
+            Ok(c) => children.push(c),
+            Err(e) => {
+                children.iter_mut().for_each(|c| {
+                    let _ = c.kill();
+                });
+                let _ = std::fs::remove_file(&path);
+                return Err(e.into());
+            }
+        }
+    }
+    let mut failed = Vec::new();
+    for (r, mut c) in children.into_iter().enumerate() {
+        if !c.wait()?.success() {
+            failed.push(r);
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("rank(s) {failed:?} failed").into())
+    }
 }
