@@ -42,8 +42,8 @@
 mod common;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, IndexOp, Module, Tensor, Var};
-use candle_nn::{embedding, Embedding, VarBuilder, VarMap};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
 use candle_optim::dist::{average, average_gradients, Communicator, ReduceOp, Sharded, ThreadComm};
 use candle_optim::{
     Algo, AlgoVisitor, Algorithm, Muon, MuonConfig, Optim, OptimBuilder, Optimizer, StateFormat,
@@ -205,41 +205,23 @@ fn data() -> Result<Arc<Data>> {
     Ok(d)
 }
 
-/// The gpt2 example's model: learned positions, pre-LayerNorm blocks, GELU, causal
-/// self-attention, output head tied to the token embedding.
-struct Gpt {
-    wte: Embedding,
-    wpe: Embedding,
-    blocks: Vec<nn::Block>,
-    ln_f: nn::LayerNorm,
-    mask: Tensor,
-}
+/// The gpt2 example's model (`common::gpt`) with the losses this example needs.
+struct Gpt(common::gpt::Gpt);
 
 impl Gpt {
     fn new(vocab: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            wte: embedding(vocab, N_EMBD, vb.pp("wte"))?,
-            wpe: embedding(N_CTX, N_EMBD, vb.pp("wpe"))?,
-            blocks: (0..N_LAYER)
-                .map(|i| nn::Block::new(N_EMBD, N_HEAD, 4, vb.pp(format!("h.{i}"))))
-                .collect::<candle_core::Result<_>>()?,
-            ln_f: nn::LayerNorm::new(N_EMBD, vb.pp("ln_f"))?,
-            mask: nn::causal_mask(N_CTX, vb.device())?,
-        })
+        let cfg = common::gpt::Config {
+            n_layer: N_LAYER,
+            n_head: N_HEAD,
+            n_embd: N_EMBD,
+            n_ctx: N_CTX,
+            vocab,
+        };
+        Ok(Self(common::gpt::Gpt::new(cfg, vb)?))
     }
 
-    /// Logits `[b·t, vocab]` for token ids `idx: [b, t]`.
     fn forward(&self, idx: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, t) = idx.dims2()?;
-        let pos = Tensor::arange(0u32, t as u32, idx.device())?;
-        let mut x =
-            nn::f32(&self.wte.forward(idx)?)?.broadcast_add(&nn::f32(&self.wpe.forward(&pos)?)?)?;
-        let mask = self.mask.i((..t, ..t))?.contiguous()?;
-        for blk in &self.blocks {
-            x = blk.forward(&x, Some(&mask))?;
-        }
-        let x = self.ln_f.forward(&x)?.reshape((b * t, N_EMBD))?;
-        x.matmul(&nn::f32(self.wte.embeddings())?.t()?)
+        self.0.forward(idx)
     }
 
     /// Mean cross-entropy of the windows of `tokens` starting at `starts`.
@@ -250,7 +232,7 @@ impl Gpt {
             x.extend_from_slice(&tokens[s..s + N_CTX]);
             y.extend_from_slice(&tokens[s + 1..s + N_CTX + 1]);
         }
-        let dev = self.mask.device();
+        let dev = self.0.device();
         let x = Tensor::from_vec(x, (starts.len(), N_CTX), dev)?;
         let y = Tensor::from_vec(y, starts.len() * N_CTX, dev)?;
         nn::cross_entropy(&self.forward(&x)?, &y)

@@ -23,10 +23,11 @@
 
 mod common;
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor, Var};
-use candle_nn::{embedding, Embedding, VarBuilder, VarMap};
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
 use candle_optim::{Algo, Optimizer};
 use clap::{Parser, ValueEnum};
+use common::gpt::{Config, Gpt};
 use common::seeds::{self, SeedRuns};
 use common::train::{self, Eval, Settings, Task};
 use common::{nn, text, LrOverrides, Result, Rng};
@@ -50,16 +51,6 @@ enum VocabChoice {
     Full,
     /// Only the GPT-2 token ids that occur in the corpus.
     Corpus,
-}
-
-#[derive(Clone, Copy, Debug, serde::Serialize)]
-struct Config {
-    n_layer: usize,
-    n_head: usize,
-    n_embd: usize,
-    /// Positions (the preset's context length; training windows may be shorter).
-    n_ctx: usize,
-    vocab: usize,
 }
 
 impl Preset {
@@ -220,45 +211,6 @@ fn default_lr(algo: Algo, preset: Preset) -> f64 {
         // Not swept: SGD with momentum 0.9 (common::make_optimizer). One 60-step run of the tiny
         // preset: validation loss 7.118 (AdamW at 1e-3: 6.489).
         Algo::Sgd => 3e-2,
-    }
-}
-
-struct Gpt {
-    wte: Embedding,
-    wpe: Embedding,
-    blocks: Vec<nn::Block>,
-    ln_f: nn::LayerNorm,
-    mask: Tensor,
-    cfg: Config,
-}
-
-impl Gpt {
-    fn new(cfg: Config, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            wte: embedding(cfg.vocab, cfg.n_embd, vb.pp("wte"))?,
-            wpe: embedding(cfg.n_ctx, cfg.n_embd, vb.pp("wpe"))?,
-            blocks: (0..cfg.n_layer)
-                .map(|i| nn::Block::new(cfg.n_embd, cfg.n_head, 4, vb.pp(format!("h.{i}"))))
-                .collect::<candle_core::Result<_>>()?,
-            ln_f: nn::LayerNorm::new(cfg.n_embd, vb.pp("ln_f"))?,
-            mask: nn::causal_mask(cfg.n_ctx, vb.device())?,
-            cfg,
-        })
-    }
-
-    /// Logits `[b·t, vocab]` for token ids `idx: [b, t]`.
-    fn forward(&self, idx: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, t) = idx.dims2()?;
-        let pos = Tensor::arange(0u32, t as u32, idx.device())?;
-        let mut x =
-            nn::f32(&self.wte.forward(idx)?)?.broadcast_add(&nn::f32(&self.wpe.forward(&pos)?)?)?;
-        let mask = self.mask.i((..t, ..t))?.contiguous()?;
-        for blk in &self.blocks {
-            x = blk.forward(&x, Some(&mask))?;
-        }
-        let x = self.ln_f.forward(&x)?.reshape((b * t, self.cfg.n_embd))?;
-        // The output head is the token embedding, transposed (weight tying).
-        x.matmul(&nn::f32(self.wte.embeddings())?.t()?)
     }
 }
 

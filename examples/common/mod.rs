@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cifar;
+pub mod gpt;
 pub mod nn;
 pub mod plot;
 pub mod seeds;

@@ -794,14 +794,7 @@ fn shard_optimizer<A: Algorithm>(
         }
         groups.push((g.config.clone(), g.lr_ratio, g.format, vars));
     }
-    let mut opt = Optim::from_parts(
-        template.base.clone(),
-        groups,
-        template.policy,
-        template.max_grad_norm,
-        template.schedule.clone(),
-        template.rounding,
-    )?;
+    let mut opt = optim_like(template, groups)?;
     for (p, n) in opt
         .groups
         .iter_mut()
@@ -810,7 +803,28 @@ fn shard_optimizer<A: Algorithm>(
     {
         p.format_numel = n;
     }
-    copy_settings(template, &mut opt);
+    Ok(opt)
+}
+
+/// An optimizer over `groups` with `like`'s settings, counters and optimizer-wide scalars.
+fn optim_like<A: Algorithm>(
+    like: &Optim<A>,
+    groups: Vec<(
+        A,
+        f64,
+        crate::state::StateFormat,
+        Vec<crate::driver::PoolVar>,
+    )>,
+) -> Result<Optim<A>> {
+    let mut opt = Optim::from_parts(
+        like.base.clone(),
+        groups,
+        like.policy,
+        like.max_grad_norm,
+        like.schedule.clone(),
+        like.rounding,
+    )?;
+    copy_settings(like, &mut opt);
     Ok(opt)
 }
 
@@ -1012,15 +1026,7 @@ fn rebuild<A: Algorithm>(opt: &Optim<A>) -> Result<Optim<A>> {
             .collect();
         groups.push((g.config.clone(), g.lr_ratio, g.format, vars));
     }
-    let mut out = Optim::from_parts(
-        opt.base.clone(),
-        groups,
-        opt.policy,
-        opt.max_grad_norm,
-        opt.schedule.clone(),
-        opt.rounding,
-    )?;
-    copy_settings(opt, &mut out);
+    let mut out = optim_like(opt, groups)?;
     for (t, f) in out
         .groups
         .iter_mut()
