@@ -579,32 +579,16 @@ fn recipe(args: &Args) -> Option<String> {
 }
 
 fn recipe_text(args: &Args) -> String {
-    let mut t = format!(
-        "warmup {} step(s){}, cosine to {}× the peak rate, {}, weight decay {}",
-        args.warmup
-            .unwrap_or_else(|| train::default_warmup(args.steps)),
-        if args.warmup.is_none() { " (5%)" } else { "" },
+    let mut t = train::recipe_text(
+        args.warmup,
+        args.steps,
         args.min_lr_ratio,
-        if args.clip > 0.0 {
-            format!("clipping at {}", args.clip)
-        } else {
-            "no clipping".into()
-        },
-        args.weight_decay
+        args.clip,
+        args.weight_decay,
+        args.gsnr_mode.as_deref(),
+        args.momentum,
+        args.lr_for.as_ref(),
     );
-    if let Some(m) = &args.gsnr_mode {
-        t.push_str(&format!(", SGD-SaI g-SNR {m}"));
-    }
-    if let Some(m) = args.momentum {
-        t.push_str(&format!(", momentum {m} (SGD-SaI, SGD)"));
-    }
-    if let Some(o) = &args.lr_for {
-        let l: Vec<String> =
-            o.0.iter()
-                .map(|p| format!("{}={:e}", p.0.name(), p.1))
-                .collect();
-        t.push_str(&format!(", lr {}", l.join(",")));
-    }
     if args.augment {
         t.push_str(", augmented");
     }

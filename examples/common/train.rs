@@ -502,3 +502,44 @@ pub fn report(out: &Path, title: &str, outcomes: &[Outcome], classification: boo
     println!("\nWrote {} and {}", md.display(), png.display());
     Ok(())
 }
+
+/// The training recipe in words, for titles and run configurations: warmup, schedule floor,
+/// clipping, weight decay and the options given.
+#[allow(clippy::too_many_arguments)]
+pub fn recipe_text(
+    warmup: Option<usize>,
+    steps: usize,
+    min_lr_ratio: f64,
+    clip: f64,
+    weight_decay: f64,
+    gsnr_mode: Option<&str>,
+    momentum: Option<f64>,
+    lr_for: Option<&super::LrOverrides>,
+) -> String {
+    let mut t = format!(
+        "warmup {} step(s){}, cosine to {}× the peak rate, {}, weight decay {}",
+        warmup.unwrap_or_else(|| default_warmup(steps)),
+        if warmup.is_none() { " (5%)" } else { "" },
+        min_lr_ratio,
+        if clip > 0.0 {
+            format!("clipping at {clip}")
+        } else {
+            "no clipping".into()
+        },
+        weight_decay
+    );
+    if let Some(m) = gsnr_mode {
+        t.push_str(&format!(", SGD-SaI g-SNR {m}"));
+    }
+    if let Some(m) = momentum {
+        t.push_str(&format!(", momentum {m} (SGD-SaI, SGD)"));
+    }
+    if let Some(o) = lr_for {
+        let l: Vec<String> =
+            o.0.iter()
+                .map(|p| format!("{}={:e}", p.0.name(), p.1))
+                .collect();
+        t.push_str(&format!(", lr {}", l.join(",")));
+    }
+    t
+}
