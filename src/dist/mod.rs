@@ -69,4 +69,36 @@ pub trait Communicator: Collective {
 
     /// Rank `root`'s `t`, on every rank (the others pass a tensor of the same shape and dtype).
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
+
+    /// [`reduce_scatter`](Self::reduce_scatter) of the concatenation of `parts` (1-D tensors of
+    /// one dtype and device). The default concatenates them; an implementation that can read
+    /// the parts where they are (ranks in one process) skips that copy.
+    fn reduce_scatter_parts(&self, parts: &[Tensor], op: ReduceOp) -> Result<Tensor> {
+        match parts {
+            [one] => self.reduce_scatter(one, op),
+            _ => self.reduce_scatter(&Tensor::cat(parts, 0)?, op),
+        }
+    }
+
+    /// [`all_gather`](Self::all_gather) of the concatenation of `parts` (1-D tensors of one
+    /// dtype and device, the same total length on every rank), handed over piecewise:
+    /// `deliver(r, offset, t)` receives elements `offset..offset + len(t)` of rank `r`'s
+    /// concatenation, every element of every rank exactly once, and must copy what it keeps
+    /// (`t` may be another rank's own tensor). The default gathers one flat tensor.
+    fn all_gather_parts(
+        &self,
+        parts: &[Tensor],
+        deliver: &mut dyn FnMut(usize, usize, &Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let mine = match parts {
+            [one] => one.clone(),
+            _ => Tensor::cat(parts, 0)?,
+        };
+        let w = mine.elem_count();
+        let all = self.all_gather(&mine)?;
+        for r in 0..self.world_size() {
+            deliver(r, 0, &all.narrow(0, r * w, w)?)?;
+        }
+        Ok(())
+    }
 }

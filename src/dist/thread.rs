@@ -41,6 +41,7 @@ struct Shared {
 #[derive(Clone)]
 enum Item {
     Tensor(Tensor),
+    Parts(Vec<Tensor>),
     Scalars(Vec<f64>),
 }
 
@@ -145,6 +146,29 @@ impl ThreadComm {
         Ok(all)
     }
 
+    /// Every rank's list of parts (the tensors themselves, not copies).
+    fn parts(&self, what: &str, parts: &[Tensor]) -> Result<Vec<Vec<Tensor>>> {
+        let dtype = parts.first().map(|t| t.dtype());
+        if parts
+            .iter()
+            .any(|t| t.rank() != 1 || Some(t.dtype()) != dtype)
+        {
+            return Err(Error::Communication(format!(
+                "{what} takes 1-D parts of one dtype"
+            )));
+        }
+        let len: usize = parts.iter().map(Tensor::elem_count).sum();
+        let what = format!("{what} of {dtype:?} [{len}]");
+        let all = self.exchange(what, Item::Parts(parts.to_vec()))?;
+        Ok(all
+            .iter()
+            .map(|c| match &c.item {
+                Item::Parts(p) => p.clone(),
+                _ => unreachable!("the collective names were checked equal"),
+            })
+            .collect())
+    }
+
     fn tensors(&self, what: &str, t: &Tensor) -> Result<Vec<Tensor>> {
         let what = format!("{what} of {:?} {:?}", t.dtype(), t.dims());
         let all = self.exchange(what, Item::Tensor(t.clone()))?;
@@ -152,7 +176,7 @@ impl ThreadComm {
             .iter()
             .map(|c| match &c.item {
                 Item::Tensor(t) => t.clone(),
-                Item::Scalars(_) => unreachable!("the collective names were checked equal"),
+                _ => unreachable!("the collective names were checked equal"),
             })
             .collect())
     }
@@ -245,6 +269,46 @@ fn combine_cpu(ts: &[Tensor], op: ReduceOp) -> Result<Option<Tensor>> {
     Ok(Some(out))
 }
 
+/// Like [`combine_cpu`] for ranks' chunks given as runs of contiguous f32 CPU tensors (each
+/// rank's runs adding up to the same length); `None` for anything else.
+fn combine_runs_cpu(chunks: &[Vec<Tensor>], op: ReduceOp) -> Result<Option<Tensor>> {
+    use candle_core::{CpuStorage, Storage};
+    if op == ReduceOp::Max
+        || !chunks.iter().flatten().all(|t| {
+            t.device().is_cpu() && t.is_contiguous() && t.dtype() == candle_core::DType::F32
+        })
+    {
+        return Ok(None);
+    }
+    let mut out: Vec<f32> = Vec::new();
+    for (q, runs) in chunks.iter().enumerate() {
+        let mut at = 0;
+        for t in runs {
+            let (g, l) = t.storage_and_layout();
+            let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*g, l.contiguous_offsets())
+            else {
+                return Ok(None);
+            };
+            let x = &v[a..b];
+            if q == 0 {
+                out.extend_from_slice(x);
+            } else {
+                out[at..at + x.len()]
+                    .iter_mut()
+                    .zip(x)
+                    .for_each(|(o, &v)| *o += v);
+            }
+            at += x.len();
+        }
+    }
+    if op == ReduceOp::Avg {
+        let n = chunks.len() as f32;
+        out.iter_mut().for_each(|o| *o /= n);
+    }
+    let len = out.len();
+    Ok(Some(Tensor::from_vec(out, len, &candle_core::Device::Cpu)?))
+}
+
 /// The average of `ts` (same shape and dtype), exactly as [`ThreadComm`] computes it with
 /// [`ReduceOp::Avg`]: summed in order, then divided by the count.
 pub fn average(ts: &[Tensor]) -> Result<Tensor> {
@@ -262,7 +326,7 @@ impl Collective for ThreadComm {
         for (i, v) in values.iter_mut().enumerate() {
             let mut it = all.iter().map(|c| match &c.item {
                 Item::Scalars(s) => s[i],
-                Item::Tensor(_) => unreachable!("the collective names were checked equal"),
+                _ => unreachable!("the collective names were checked equal"),
             });
             let first = it.next().unwrap_or(0.0);
             *v = match op {
@@ -312,6 +376,67 @@ impl Communicator for ThreadComm {
             )));
         }
         Ok(Tensor::cat(&self.tensors("all_gather", t)?, 0)?)
+    }
+
+    fn reduce_scatter_parts(&self, parts: &[Tensor], op: ReduceOp) -> Result<Tensor> {
+        let n = self.shared.n;
+        let len: usize = parts.iter().map(Tensor::elem_count).sum();
+        if !len.is_multiple_of(n) {
+            return Err(Error::Communication(format!(
+                "reduce_scatter takes a length that is a multiple of {n}, got {len}"
+            )));
+        }
+        let chunk = len / n;
+        let (lo, hi) = (self.rank * chunk, (self.rank + 1) * chunk);
+        // From every rank, views of the parts that fall in this rank's chunk.
+        let chunks = self
+            .parts(&format!("reduce_scatter_parts({op:?})"), parts)?
+            .iter()
+            .map(|ps| {
+                let mut at = 0;
+                let mut views = Vec::new();
+                for p in ps {
+                    let (a, b) = (at.max(lo), (at + p.elem_count()).min(hi));
+                    if a < b {
+                        views.push(p.narrow(0, a - at, b - a)?);
+                    }
+                    at += p.elem_count();
+                }
+                Ok(views)
+            })
+            .collect::<Result<Vec<Vec<Tensor>>>>()?;
+        if let Some(t) = combine_runs_cpu(&chunks, op)? {
+            return Ok(t);
+        }
+        let flat = chunks
+            .iter()
+            .map(|v| Tensor::cat(v, 0))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        combine(&flat, op)
+    }
+
+    fn all_gather_parts(
+        &self,
+        parts: &[Tensor],
+        deliver: &mut dyn FnMut(usize, usize, &Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let all = self.parts("all_gather_parts", parts)?;
+        let mut delivered = Ok(());
+        'ranks: for (r, ps) in all.iter().enumerate() {
+            let mut at = 0;
+            for p in ps {
+                delivered = deliver(r, at, p);
+                if delivered.is_err() {
+                    break 'ranks;
+                }
+                at += p.elem_count();
+            }
+        }
+        // The parts are the other ranks' own tensors: no rank goes on to change its own before
+        // every rank has copied them.
+        let mut done = [f64::from(u8::from(delivered.is_err()))];
+        self.all_reduce_scalars(&mut done, ReduceOp::Max)?;
+        delivered
     }
 
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {

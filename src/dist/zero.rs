@@ -420,8 +420,7 @@ impl<A: Algorithm> Sharded<A> {
                         parts.push(Tensor::zeros(hi - at, l.dtype, &device)?);
                     }
                 }
-                let send = Tensor::cat(&parts, 0)?;
-                mine.push(self.comm.reduce_scatter(&send, ReduceOp::Avg)?);
+                mine.push(self.comm.reduce_scatter_parts(&parts, ReduceOp::Avg)?);
                 lo = hi;
             }
             for loc in self.locals.iter().filter(|loc| loc.layout == li) {
@@ -467,7 +466,6 @@ impl<A: Algorithm> Sharded<A> {
     /// All-gathers every rank's pieces into the parameters.
     fn gather_params(&self) -> Result<()> {
         let me = self.comm.rank();
-        let n = self.comm.world_size();
         for (li, l) in self.layouts.iter().enumerate() {
             let bucket = self.segment_bucket(l);
             let device = self.params[l.pieces[0].param].device().clone();
@@ -496,21 +494,23 @@ impl<A: Algorithm> Sharded<A> {
                 if hi > at {
                     parts.push(Tensor::zeros(hi - at, l.dtype, &device)?);
                 }
-                let all = self.comm.all_gather(&Tensor::cat(&parts, 0)?)?;
-                let w = hi - lo;
-                for r in 0..n {
-                    for (p, a, b) in l.overlapping(r, lo, hi) {
+                // `t` holds rank r's segment positions lo + at .. lo + at + len(t).
+                let mut deliver = |r: usize, at: usize, t: &Tensor| -> Result<()> {
+                    let (from, to) = (lo + at, lo + at + t.elem_count());
+                    for (p, a, b) in l.overlapping(r, from, to) {
                         if r == me && p.whole {
                             continue; // updated in place
                         }
-                        let src = all.narrow(0, r * w + (a - lo), b - a)?;
+                        let src = t.narrow(0, a - from, b - a)?;
                         self.params[p.param].as_tensor().flatten_all()?.slice_set(
                             &src,
                             0,
                             p.offset + (a - p.seg_offset),
                         )?;
                     }
-                }
+                    Ok(())
+                };
+                self.comm.all_gather_parts(&parts, &mut deliver)?;
                 lo = hi;
             }
         }
