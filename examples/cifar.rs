@@ -24,7 +24,7 @@ use candle_nn::{
 };
 use candle_optim::{Algo, Optimizer};
 use clap::{Parser, ValueEnum};
-use common::seeds::{self, SeedRuns};
+use common::seeds;
 use common::train::{self, Eval, Settings, Task};
 use common::{cifar, nn, LrOverrides, Result, Rng};
 use serde_json::json;
@@ -794,30 +794,17 @@ fn run(args: Args) -> Result<()> {
             "stochastic_rounding": args.stochastic_rounding,
             "eval_size": args.eval_size,
         });
-        let mut groups: Vec<SeedRuns> = algos
-            .iter()
-            .map(|&algo| SeedRuns {
-                algo,
-                runs: Vec::new(),
-            })
-            .collect();
-        // Seed by seed, every optimizer in turn, so the report written after each seed (and so
-        // what an interrupted run leaves) compares the optimizers on the same seeds.
-        for (i, &seed) in seed_list.iter().enumerate() {
-            for g in groups.iter_mut() {
-                let save = args
-                    .save
-                    .as_ref()
-                    .map(|d| d.join(g.algo.name()).join(format!("seed-{seed}")));
-                println!("{} with seed {seed}:", g.algo.name());
-                let out = run_one(&args, g.algo, seed, &data, &dev, save, None)?;
-                g.runs.push((seed, out));
-            }
-            if i + 1 < seed_list.len() {
-                seeds::write(&args.out, &title, &plot_title, &groups, true, &config)?;
-            }
-        }
-        return seeds::report(&args.out, &title, &plot_title, &groups, true, &config);
+        return seeds::run_all(
+            &algos,
+            &seed_list,
+            args.save.as_deref(),
+            &args.out,
+            &title,
+            &plot_title,
+            true,
+            &config,
+            |algo, seed, save| run_one(&args, algo, seed, &data, &dev, save, None),
+        );
     }
     match &args.compare {
         None => {

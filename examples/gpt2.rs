@@ -28,7 +28,7 @@ use candle_nn::{VarBuilder, VarMap};
 use candle_optim::{Algo, Optimizer};
 use clap::{Parser, ValueEnum};
 use common::gpt::{Config, Gpt};
-use common::seeds::{self, SeedRuns};
+use common::seeds;
 use common::train::{self, Eval, Settings, Task};
 use common::{nn, text, LrOverrides, Result, Rng};
 use serde_json::json;
@@ -615,30 +615,17 @@ fn run(args: Args) -> Result<()> {
             "stochastic_rounding": args.stochastic_rounding,
             "eval_tokens": args.eval_tokens,
         });
-        let mut groups: Vec<SeedRuns> = algos
-            .iter()
-            .map(|&algo| SeedRuns {
-                algo,
-                runs: Vec::new(),
-            })
-            .collect();
-        // Seed by seed, every optimizer in turn, so the report written after each seed (and so
-        // what an interrupted run leaves) compares the optimizers on the same seeds.
-        for (i, &seed) in seed_list.iter().enumerate() {
-            for g in groups.iter_mut() {
-                let save = args
-                    .save
-                    .as_ref()
-                    .map(|d| d.join(g.algo.name()).join(format!("seed-{seed}")));
-                println!("{} with seed {seed}:", g.algo.name());
-                let out = run_one(&args, &setup, g.algo, seed, &dev, save, None)?.0;
-                g.runs.push((seed, out));
-            }
-            if i + 1 < seed_list.len() {
-                seeds::write(&args.out, &title, &plot_title, &groups, false, &config)?;
-            }
-        }
-        return seeds::report(&args.out, &title, &plot_title, &groups, false, &config);
+        return seeds::run_all(
+            &algos,
+            &seed_list,
+            args.save.as_deref(),
+            &args.out,
+            &title,
+            &plot_title,
+            false,
+            &config,
+            |algo, seed, save| run_one(&args, &setup, algo, seed, &dev, save, None).map(|r| r.0),
+        );
     }
     match &args.compare {
         None => {

@@ -338,3 +338,38 @@ pub fn write(
         .map_err(|e| format!("{}: {e}", json_path.display()))?;
     Ok(())
 }
+
+/// Trains every one of `algos` once per seed, seed by seed (every optimizer in turn, so the
+/// report written after each seed, and so what an interrupted run leaves, compares the
+/// optimizers on the same seeds), then writes the report. `run(algo, seed, save)` trains one.
+#[allow(clippy::too_many_arguments)]
+pub fn run_all(
+    algos: &[Algo],
+    seed_list: &[u64],
+    save: Option<&Path>,
+    out: &Path,
+    title: &str,
+    plot_title: &str,
+    classification: bool,
+    config: &serde_json::Value,
+    mut run: impl FnMut(Algo, u64, Option<std::path::PathBuf>) -> Result<super::train::Outcome>,
+) -> Result<()> {
+    let mut groups: Vec<SeedRuns> = algos
+        .iter()
+        .map(|&algo| SeedRuns {
+            algo,
+            runs: Vec::new(),
+        })
+        .collect();
+    for (i, &seed) in seed_list.iter().enumerate() {
+        for g in groups.iter_mut() {
+            let save = save.map(|d| d.join(g.algo.name()).join(format!("seed-{seed}")));
+            println!("{} with seed {seed}:", g.algo.name());
+            g.runs.push((seed, run(g.algo, seed, save)?));
+        }
+        if i + 1 < seed_list.len() {
+            write(out, title, plot_title, &groups, classification, config)?;
+        }
+    }
+    report(out, title, plot_title, &groups, classification, config)
+}
