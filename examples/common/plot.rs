@@ -162,35 +162,8 @@ pub fn loss_curves(
                 .light_line_style(RGBColor(235, 235, 235))
                 .draw()
                 .map_err(|e| e.to_string())?;
-            for (i, (series, run)) in panel.series.iter().zip(runs).enumerate() {
-                let color = COLORS[i % COLORS.len()];
-                let pts: Vec<(f64, f64)> =
-                    series.iter().copied().filter(|p| p.1.is_finite()).collect();
-                let drawn = chart
-                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                    .map_err(|e| e.to_string())?;
-                if k == 0 {
-                    let name = run.0.to_string();
-                    drawn.label(name).legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
-                    });
-                }
-                if pts.len() <= 30 {
-                    chart
-                        .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
-                        .map_err(|e| e.to_string())?;
-                }
-            }
-            if k == 0 {
-                chart
-                    .configure_series_labels()
-                    .position(SeriesLabelPosition::UpperRight)
-                    .label_font((FAMILY, 14))
-                    .background_style(WHITE.mix(0.85))
-                    .border_style(BLACK)
-                    .draw()
-                    .map_err(|e| e.to_string())?;
-            }
+            let names: Vec<&str> = runs.iter().map(|r| r.0).collect();
+            draw_lines(&mut chart, &panel.series, &names, k == 0)?;
         }
         root.present().map_err(|e| e.to_string())?;
     }
@@ -321,38 +294,59 @@ pub fn seed_curves(
                     )))
                     .map_err(|e| e.to_string())?;
             }
-            for (i, (series, run)) in panel.series.iter().zip(runs).enumerate() {
-                let color = COLORS[i % COLORS.len()];
-                let pts: Vec<(f64, f64)> = series.iter().map(|p| (p.0, p.1)).collect();
-                let drawn = chart
-                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                    .map_err(|e| e.to_string())?;
-                if k == 0 {
-                    let name = run.0.to_string();
-                    drawn.label(name).legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
-                    });
-                }
-                if pts.len() <= 30 {
-                    chart
-                        .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
-                        .map_err(|e| e.to_string())?;
-                }
-            }
-            if k == 0 {
-                chart
-                    .configure_series_labels()
-                    .position(SeriesLabelPosition::UpperRight)
-                    .label_font((FAMILY, 14))
-                    .background_style(WHITE.mix(0.85))
-                    .border_style(BLACK)
-                    .draw()
-                    .map_err(|e| e.to_string())?;
-            }
+            let means: Vec<Vec<(f64, f64)>> = panel
+                .series
+                .iter()
+                .map(|s| s.iter().map(|p| (p.0, p.1)).collect())
+                .collect();
+            let names: Vec<&str> = runs.iter().map(|r| r.0).collect();
+            draw_lines(&mut chart, &means, &names, k == 0)?;
         }
         root.present().map_err(|e| e.to_string())?;
     }
     write_png(path, w, h, &buf)
+}
+
+/// One line per series in the run's color (dots too when there are at most 30 points), and with
+/// `legend` the legend of `names`. Non-finite points are left out.
+fn draw_lines<'a, 'b: 'a>(
+    chart: &mut ChartContext<
+        'a,
+        BitMapBackend<'b>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+    series: &[Vec<(f64, f64)>],
+    names: &[&str],
+    legend: bool,
+) -> Result<()> {
+    for (i, (series, name)) in series.iter().zip(names).enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let pts: Vec<(f64, f64)> = series.iter().copied().filter(|p| p.1.is_finite()).collect();
+        let drawn = chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+            .map_err(|e| e.to_string())?;
+        if legend {
+            drawn.label(name.to_string()).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
+        }
+        if pts.len() <= 30 {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    if legend {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font((FAMILY, 14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Writes 8-bit RGB pixels as a PNG file (each row with the "Sub" filter, zlib level 9).
