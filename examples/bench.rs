@@ -88,7 +88,7 @@ struct Args {
     skip_candle_nn: bool,
     /// State formats to step each optimizer with: f32 (rows `<algo>_fused`), blockwise8
     /// (`<algo>_blockwise8`, bitsandbytes' default min_8bit_size 4096) and bf16
-    /// (`<algo>_bf16`). Muon runs f32 only.
+    /// (`<algo>_bf16`). Muon's state is f32; its `muon_bf16` row runs Newton–Schulz in bf16.
     #[arg(long, default_value = "f32,blockwise8,bf16", value_delimiter = ',')]
     formats: Vec<String>,
     /// Also run this same binary as a second process (`--serve`) stepping our optimizers: a
@@ -416,10 +416,15 @@ impl Ours {
             .collect();
         for &algo in algos {
             for format in formats {
-                if format == "f32" || algo == Algo::Muon {
+                if format == "f32" || (algo == Algo::Muon && format != "bf16") {
                     continue;
                 }
-                let hyper = bench_hyper(format);
+                let mut hyper = bench_hyper(format);
+                if algo == Algo::Muon {
+                    // Muon's "bf16" row: f32 state, bf16 Newton–Schulz (torch.optim.Muon's).
+                    hyper = bench_hyper("f32");
+                    hyper["ns_dtype"] = "bfloat16".into();
+                }
                 let b = algo.step_traffic_bytes(&hyper, &dims)?;
                 let mut opt = common::build_named(algo, vars.clone(), &hyper, false)?;
                 opt.set_non_finite_policy(NonFinitePolicy::Propagate);

@@ -156,10 +156,12 @@ pub struct Matrix;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NsDtype {
-    /// float32 matmuls (the default: exact enough on every device; CPU bf16 matmuls are slow).
+    /// float32 matmuls (the default: exact enough on every device).
     #[default]
     Float32,
-    /// bfloat16 matmuls, as `torch.optim.Muon` (the fast choice on CUDA).
+    /// bfloat16 matmul inputs, as `torch.optim.Muon`: the fast choice on CUDA and on CPUs with
+    /// AVX512-BF16 (the crate's own kernel, with f32 sums; about twice the f32 speed). Other
+    /// CPUs use candle's bf16 matmul, which is slower than its f32 one.
     Bfloat16,
 }
 

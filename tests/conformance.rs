@@ -27,7 +27,8 @@ fn main() {
     let (passed, failed, skipped, _) = replay::run_all(&files, &Device::Cpu, true);
     println!("conformance: {passed} passed, {failed} failed, {skipped} skipped");
     let damaged_ok = damaged_traces_fail(&dirs[0].join("adamw_pub_defaults.safetensors"))
-        & damaged_q8_traces_fail(&dirs[0].join("q8_sgd_sai_pub_defaults.safetensors"));
+        & damaged_q8_traces_fail(&dirs[0].join("q8_sgd_sai_pub_defaults.safetensors"))
+        & muon_traces_pass_in_bf16(&files);
     if failed > 0 || passed + failed + skipped == 0 || !damaged_ok {
         std::process::exit(1);
     }
@@ -125,6 +126,51 @@ fn damaged_traces_fail(file: &Path) -> bool {
         } else {
             println!("damaged-trace check ({what}): FAILED: {how}");
             ok = false;
+        }
+    }
+    ok
+}
+
+/// Every Muon trace replayed again with Newton–Schulz in bf16 (`ns_dtype: "bfloat16"`: on a CPU
+/// with AVX512-BF16 the crate's own bf16 kernel, elsewhere candle's bf16 matmul) must pass too:
+/// the family's tolerance accepts either precision. Returns whether all did.
+fn muon_traces_pass_in_bf16(files: &[PathBuf]) -> bool {
+    let mut ok = true;
+    for file in files {
+        let bytes = std::fs::read(file).expect("read the trace");
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).expect("trace header");
+        let Some(case) = header.metadata().as_ref().and_then(|m| m.get("case")) else {
+            continue;
+        };
+        let mut meta: Value = serde_json::from_str(case).expect("case metadata");
+        if meta["optimizer"] != "muon" {
+            continue;
+        }
+        meta["hyperparameters"]["ns_dtype"] = json!("bfloat16");
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).expect("tensors");
+        let info = HashMap::from([("case".to_string(), meta.to_string())]);
+        let bytes =
+            safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(info))
+                .expect("serialize");
+        let name = file.file_stem().unwrap_or_default().to_string_lossy();
+        match replay::run_trace(&bytes, &Device::Cpu) {
+            Ok((_, replay::Outcome::Passed(w), _)) => {
+                println!(
+                    "case {name} with bf16 Newton–Schulz: passed (worst error {w:.3} of tolerance)"
+                )
+            }
+            other => {
+                let how = match other {
+                    Ok((_, replay::Outcome::Failed { step, what, .. }, _)) => {
+                        format!("step {step}: {what}")
+                    }
+                    Ok((_, replay::Outcome::Skipped(why), _)) => format!("skipped ({why})"),
+                    Ok(_) => unreachable!("passed is handled above"),
+                    Err(e) => e.to_string(),
+                };
+                println!("case {name} with bf16 Newton–Schulz: FAILED: {how}");
+                ok = false;
+            }
         }
     }
     ok

@@ -68,7 +68,7 @@ pub struct MuonConfig {
     /// The learning-rate adjustment (`null` = `"original"`).
     pub adjust_lr_fn: Option<AdjustLr>,
     /// Newton–Schulz element type: `"float32"` (default) or `"bfloat16"` (torch's choice, the
-    /// fast one on CUDA).
+    /// fast one on CUDA and on CPUs with AVX512-BF16).
     pub ns_dtype: NsDtype,
     /// Muon for the group's matrices (true); false: AdamW for every parameter of the group.
     pub use_muon: bool,

@@ -9,7 +9,7 @@
 //!   on a GPU); on any other device candle tensor operations whose results are copied into the
 //!   parameter and the state in place (`Tensor::slice_set`).
 //! * Newton–Schulz runs with candle's matmul on the parameters' device (cuBLAS on CUDA, gemm on
-//!   the CPU). The matrices of a group with the same shape and device are stacked, so each
+//!   the CPU), except bf16 Newton–Schulz on a CPU with AVX512-BF16: [`super::ns_bf16`]. The matrices of a group with the same shape and device are stacked, so each
 //!   iteration is one batched matmul per distinct shape (in batches of at most 32 MiB of input,
 //!   each blended, orthogonalized and applied before the next, so a step's scratch memory does
 //!   not grow with the model).
@@ -241,6 +241,18 @@ fn newton_schulz(us: &[&Tensor], ns: &NewtonSchulz) -> Result<Tensor> {
         NsDtype::Float32 => DType::F32,
         NsDtype::Bfloat16 => DType::BF16,
     };
+    if dt == DType::BF16 && x.device().is_cpu() && super::ns_bf16::available() {
+        // candle's CPU bf16 matmul is slower than its f32 one: the AVX512-BF16 kernel instead.
+        let (n, r, c) = x.dims3()?;
+        let mut v: Vec<f32> = x.broadcast_div(&norm)?.flatten_all()?.to_vec1()?;
+        // One matrix per thread where the batch has several (each product is also split over
+        // threads, so a thread that runs out of matrices helps with the others).
+        use rayon::prelude::*;
+        v.par_chunks_mut((r * c).max(1))
+            .for_each(|m| super::ns_bf16::newton_schulz(m, r, c, ns.coefficients, ns.steps));
+        let out = Tensor::from_vec(v, (n, r, c), &Device::Cpu)?;
+        return Ok(if tall { out.t()? } else { out });
+    }
     let mut x = x.broadcast_div(&norm)?.to_dtype(dt)?;
     let (a, b, c) = ns.coefficients;
     for _ in 0..ns.steps {

@@ -11,6 +11,7 @@ mod cuda_rows;
 #[cfg(feature = "cuda")]
 mod kernel_abi;
 mod matrix;
+mod ns_bf16;
 mod rows;
 pub mod simd;
 mod split;
