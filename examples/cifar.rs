@@ -619,7 +619,7 @@ fn run_one(
         args.weight_decay,
         &args.state_format,
         args.stochastic_rounding.then_some(seed),
-        &common::algo_overrides(algo, args.momentum, args.gsnr_mode.as_deref()),
+        &common::algo_overrides(algo, args.momentum, args.gsnr_mode.as_deref(), None),
     )?;
     if args.clip > 0.0 {
         opt.set_max_grad_norm(Some(args.clip))?;
@@ -663,7 +663,7 @@ fn run_one(
             "min_lr_ratio": args.min_lr_ratio,
             "clip": args.clip,
             "optimizer_overrides":
-                common::algo_overrides(algo, args.momentum, args.gsnr_mode.as_deref()),
+                common::algo_overrides(algo, args.momentum, args.gsnr_mode.as_deref(), None),
         }),
     };
     train::train(&mut task, &mut varmap, opt.as_mut(), algo, &settings)

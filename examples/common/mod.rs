@@ -215,6 +215,7 @@ pub fn algo_overrides(
     algo: Algo,
     momentum: Option<f64>,
     gsnr_mode: Option<&str>,
+    ns_dtype: Option<&str>,
 ) -> serde_json::Value {
     let mut o = serde_json::Map::new();
     if let (Some(m), Algo::SgdSai | Algo::Sgd) = (momentum, algo) {
@@ -222,6 +223,9 @@ pub fn algo_overrides(
     }
     if let (Some(g), Algo::SgdSai) = (gsnr_mode, algo) {
         o.insert("gsnr_mode".into(), json!(g));
+    }
+    if let (Some(d), Algo::Muon) = (ns_dtype, algo) {
+        o.insert("ns_dtype".into(), json!(d));
     }
     serde_json::Value::Object(o)
 }

@@ -43,6 +43,9 @@ pub struct History {
     pub acc: Vec<(usize, f64)>,
     /// Wall time of each training step (forward, backward, optimizer step), in ms.
     pub step_ms: Vec<f64>,
+    /// Wall time of each step's `opt.step` alone, in ms (on CUDA: until its launches return).
+    #[serde(default)]
+    pub opt_ms: Vec<f64>,
 }
 
 /// How to train.
@@ -78,6 +81,8 @@ pub struct Outcome {
     pub final_eval: Eval,
     /// Median wall time per step.
     pub ms_step: f64,
+    /// Median wall time of the optimizer step alone.
+    pub ms_opt: f64,
     pub state_bytes: usize,
     pub params: usize,
     /// The step at which the loss became NaN or infinite, if it did.
@@ -241,11 +246,14 @@ pub fn train(
         let t0 = Instant::now();
         let loss = task.train_loss(step)?;
         let grads = loss.backward()?;
+        let t_opt = Instant::now();
         opt.step(&grads)?;
+        let opt_ms = t_opt.elapsed().as_secs_f64() * 1e3;
         let l = loss.to_scalar::<f32>()? as f64;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         history.train.push((step + 1, l));
         history.step_ms.push(ms);
+        history.opt_ms.push(opt_ms);
         if !l.is_finite() {
             diverged_at = Some(step + 1);
             say(
@@ -305,6 +313,7 @@ pub fn train(
                 lr,
                 final_train: history.train.last().map_or(f64::NAN, |p| p.1),
                 ms_step: median(&history.step_ms),
+                ms_opt: median(&history.opt_ms),
                 history,
                 final_eval: Eval {
                     loss: f64::NAN,
@@ -341,13 +350,15 @@ pub fn train(
         tail.iter().map(|p| p.1).sum::<f64>() / n as f64
     };
     let ms_step = median(&history.step_ms);
+    let ms_opt = median(&history.opt_ms);
     println!(
-        "{}: {} steps in {:.1} s ({:.1} ms/step, lr {lr:.2e}); train loss {final_train:.4}{}; \
-         optimizer state {}",
+        "{}: {} steps in {:.1} s ({:.1} ms/step, {:.1} of them in the optimizer, lr {lr:.2e}); \
+         train loss {final_train:.4}{}; optimizer state {}",
         algo.name(),
         s.steps.saturating_sub(start),
         t_run.elapsed().as_secs_f64(),
         ms_step,
+        ms_opt,
         eval_text(&final_eval),
         human_bytes(opt.state_bytes())
     );
@@ -364,6 +375,7 @@ pub fn train(
         final_train,
         final_eval,
         ms_step,
+        ms_opt,
         state_bytes: opt.state_bytes(),
         params,
         diverged_at,
@@ -407,13 +419,13 @@ pub fn table(outcomes: &[Outcome], classification: bool) -> String {
     let mut t = String::new();
     if classification {
         t.push_str(
-            "| optimizer | lr | train loss | val loss | val acc | ms/step | optimizer state | state / params |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|\n",
+            "| optimizer | lr | train loss | val loss | val acc | ms/step | optimizer ms (share) | optimizer state | state / params |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
     } else {
         t.push_str(
-            "| optimizer | lr | train loss | val loss | ms/step | optimizer state | state / params |\n\
-             |---|---:|---:|---:|---:|---:|---:|\n",
+            "| optimizer | lr | train loss | val loss | ms/step | optimizer ms (share) | optimizer state | state / params |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|\n",
         );
     }
     for o in outcomes {
@@ -437,8 +449,10 @@ pub fn table(outcomes: &[Outcome], classification: bool) -> String {
             row.push_str(&format!(" {acc} |"));
         }
         row.push_str(&format!(
-            " {:.1} | {} ({} B) | {ratio:.2}× |\n",
+            " {:.1} | {:.1} ({:.0}%) | {} ({} B) | {ratio:.2}× |\n",
             o.ms_step,
+            o.ms_opt,
+            100.0 * o.ms_opt / o.ms_step,
             human_bytes(o.state_bytes),
             o.state_bytes
         ));
@@ -489,8 +503,9 @@ pub fn report(out: &Path, title: &str, outcomes: &[Outcome], classification: boo
     }
     text.push_str(
         "train loss: mean over the last 5% of steps; val: the final evaluation; ms/step: median \
-         wall time of forward, backward and optimizer step; optimizer state: bytes held after \
-         training; state / params: state bytes over the f32 parameter bytes.\n",
+         wall time of forward, backward and optimizer step; optimizer ms (share): median wall time of \
+         the optimizer step alone (on CUDA the time until its launches return) and its share of \
+         ms/step; optimizer state: bytes held after training; state / params: state bytes over the f32 parameter bytes.\n",
     );
     std::fs::write(&md, text).map_err(|e| format!("{}: {e}", md.display()))?;
     let png = out.join("compare.png");
