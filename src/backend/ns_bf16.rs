@@ -61,14 +61,13 @@ fn pair(lo: u16, hi: u16) -> u32 {
     u32::from(lo) | u32::from(hi) << 16
 }
 
-/// How [`gemm`] writes C: `C = alpha·(A·B) + beta·D`, D being `d` (m×n, row-major) or, without
-/// one, C's own previous values (not read when `beta` is 0). `upper` (m == n): only the tiles
-/// that reach the diagonal or above are written (the caller mirrors the rest).
+/// How [`gemm`] writes C: `C = alpha·(A·B)`, plus `beta·D` with `d` = (beta, D), D m×n
+/// row-major. `upper` (m == n): only the tiles that reach the diagonal or above are written (the
+/// caller mirrors the rest).
 #[derive(Clone, Copy)]
 struct Epilogue<'a> {
     alpha: f32,
-    beta: f32,
-    d: Option<&'a [f32]>,
+    d: Option<(f32, &'a [f32])>,
     upper: bool,
 }
 
@@ -79,7 +78,7 @@ fn gemm(m: usize, n: usize, k: usize, a: &[u16], b: BSrc<'_>, c: &mut [f32], epi
     assert!(a.len() >= m * k && c.len() >= m * n);
     // A symmetric product: B = Aᵀ (the same rows), so that A's panels can be read from B's.
     assert!(!upper || (m == n && matches!(b, BSrc::Trans(s) if std::ptr::eq(s, a))));
-    assert!(epi.d.is_none_or(|d| d.len() >= m * n));
+    assert!(epi.d.is_none_or(|d| d.1.len() >= m * n));
     match b {
         BSrc::Trans(s) => assert!(s.len() >= n * k),
         BSrc::Rows(s) => assert!(s.len() >= k * n),
@@ -188,7 +187,7 @@ fn gemm(m: usize, n: usize, k: usize, a: &[u16], b: BSrc<'_>, c: &mut [f32], epi
                         for r in 0..MR.min(mc - i0) {
                             let at = (i0 + r) * n + j0;
                             prefetch(&cblk[at..at + w]);
-                            if let Some(d) = epi.d {
+                            if let Some((_, d)) = epi.d {
                                 prefetch(&d[ic * n + at..ic * n + at + w]);
                             }
                         }
@@ -198,20 +197,15 @@ fn gemm(m: usize, n: usize, k: usize, a: &[u16], b: BSrc<'_>, c: &mut [f32], epi
                             let out = &mut cblk[at..at + w];
                             let t = &tile[r * NR..r * NR + w];
                             match epi.d {
-                                Some(d) => {
+                                Some((beta, d)) => {
                                     let d = &d[ic * n + at..ic * n + at + w];
                                     for ((o, t), d) in out.iter_mut().zip(t).zip(d) {
-                                        *o = epi.alpha * t + epi.beta * d;
-                                    }
-                                }
-                                None if epi.beta == 0.0 => {
-                                    for (o, t) in out.iter_mut().zip(t) {
-                                        *o = epi.alpha * t;
+                                        *o = epi.alpha * t + beta * d;
                                     }
                                 }
                                 None => {
                                     for (o, t) in out.iter_mut().zip(t) {
-                                        *o = epi.alpha * t + epi.beta * *o;
+                                        *o = epi.alpha * t;
                                     }
                                 }
                             }
@@ -449,7 +443,6 @@ fn iterate(
         // costs more than the pass.
         let plain = Epilogue {
             alpha: 1.0,
-            beta: 0.0,
             d: None,
             upper: false,
         };
@@ -476,8 +469,7 @@ fn symmetric(
 ) {
     let epi = Epilogue {
         alpha,
-        beta: d.map_or(0.0, |d| d.0),
-        d: d.map(|d| d.1),
+        d,
         upper: true,
     };
     gemm(r, r, k, src, BSrc::Trans(src), out, epi);
@@ -490,7 +482,6 @@ mod tests {
 
     const PLAIN: Epilogue<'static> = Epilogue {
         alpha: 1.0,
-        beta: 0.0,
         d: None,
         upper: false,
     };
@@ -547,26 +538,17 @@ mod tests {
         }
         let mut c2 = vec![0f32; m * n];
         gemm(m, n, k, &ab, BSrc::Trans(&bt), &mut c2, PLAIN);
-        // 2·(A·B) − 3·D and, in place, 0.5·(A·B) + 2·C.
+        // 2·(A·B) − 3·D, C's previous values ignored.
         let d = values(m * n, 5);
         let mut c3 = vec![f32::NAN; m * n];
         let with_d = Epilogue {
             alpha: 2.0,
-            beta: -3.0,
-            d: Some(&d),
+            d: Some((-3.0, &d)),
             upper: false,
         };
         gemm(m, n, k, &ab, BSrc::Rows(&bb), &mut c3, with_d);
-        let mut c4 = d.clone();
-        let in_place = Epilogue {
-            alpha: 0.5,
-            beta: 2.0,
-            ..PLAIN
-        };
-        gemm(m, n, k, &ab, BSrc::Rows(&bb), &mut c4, in_place);
         for i in 0..m * n {
             assert_eq!(c3[i], 2.0 * c[i] + -3.0 * d[i]);
-            assert_eq!(c4[i], 0.5 * c[i] + 2.0 * d[i]);
         }
         for (i, w) in want.iter().enumerate() {
             let tol = 1e-5 * (k as f64).sqrt() + 1e-6 * w.abs();
