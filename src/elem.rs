@@ -49,6 +49,10 @@ pub trait Real:
     /// Runs `f` with this thread's scratch vector of this type (reused across calls; a fresh
     /// one where a call on this thread already holds it).
     fn with_scratch<R>(f: impl FnOnce(&mut Vec<Self>) -> R) -> R;
+    /// The slice as `f32`, if this type is `f32` (for loops written for f32 only).
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
+    /// The slice as `f32`, if this type is `f32`.
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
 
     /// `torch.maximum`: NaN if either side is NaN.
     #[inline(always)]
@@ -92,7 +96,7 @@ pub trait Real:
 }
 
 macro_rules! real {
-    ($t:ty, $variant:ident, $exp_v:path) => {
+    ($t:ty, $variant:ident, $exp_v:path, $as_f32:expr, $as_f32_mut:expr) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -130,6 +134,14 @@ macro_rules! real {
                     _ => None,
                 }
             }
+            #[inline(always)]
+            fn as_f32(s: &[Self]) -> Option<&[f32]> {
+                $as_f32(s)
+            }
+            #[inline(always)]
+            fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+                $as_f32_mut(s)
+            }
             fn with_scratch<R>(f: impl FnOnce(&mut Vec<Self>) -> R) -> R {
                 thread_local! {
                     static SCRATCH: std::cell::RefCell<Vec<$t>> =
@@ -143,8 +155,8 @@ macro_rules! real {
         }
     };
 }
-real!(f32, F32, expf_v);
-real!(f64, F64, f64::exp);
+real!(f32, F32, expf_v, Some, Some);
+real!(f64, F64, f64::exp, |_| None, |_| None);
 
 /// Cephes' single-precision `expf`: range reduction x = n·ln2 + r with |r| ≤ ln2/2 (ln2 in
 /// two parts), a degree-6 polynomial for e^r, and 2^n built in the exponent bits. The rounding

@@ -12,6 +12,7 @@ mod cuda_rows;
 mod kernel_abi;
 mod matrix;
 mod ns_bf16;
+mod q8_simd;
 mod rows;
 pub mod simd;
 mod split;

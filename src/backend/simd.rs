@@ -47,7 +47,7 @@ const AVX512_FEATURES: &[&str] = &[
 /// Whether the CPU has the feature `name`; `None` for a name this function does not know
 /// (`is_x86_feature_detected!` takes only literals, hence the table).
 #[cfg(target_arch = "x86_64")]
-fn x86_feature(name: &str) -> Option<bool> {
+pub(crate) fn x86_feature(name: &str) -> Option<bool> {
     use std::arch::is_x86_feature_detected as has;
     Some(match name {
         "avx2" => has!("avx2"),
@@ -59,6 +59,7 @@ fn x86_feature(name: &str) -> Option<bool> {
         "avx512vl" => has!("avx512vl"),
         "avx512bw" => has!("avx512bw"),
         "avx512dq" => has!("avx512dq"),
+        "avx512vbmi" => has!("avx512vbmi"),
         _ => return None,
     })
 }

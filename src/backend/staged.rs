@@ -7,8 +7,8 @@
 //! (AdamP's row passes) decode the whole tensor into scratch, run their full-precision update,
 //! and encode it: the same values, in more passes.
 
-use super::simd;
 use super::split::leaf_len;
+use super::{q8_simd, simd};
 use crate::algorithm::{Execution, ExecutionKind, Kernel, Slots, MAX_SLOTS};
 use crate::elem::{Elem, Real};
 use crate::state::{random_bits, Quantizer, BLOCK};
@@ -81,7 +81,13 @@ impl<'a, F: Real> Codec<'a, F> {
                     *o = F::of(x.to_f32() as f64);
                 }
             }
-            Codec::Q8 { codes, absmax, q } => q.decode(&codes[at..at + n], absmax[at / BLOCK], out),
+            Codec::Q8 { codes, absmax, q } => {
+                let (codes, absmax) = (&codes[at..at + n], absmax[at / BLOCK]);
+                match (q8_simd::tables(q), F::as_f32_mut(out)) {
+                    (Some(t), Some(out)) => q8_simd::decode(t, codes, absmax, out),
+                    (_, _) => q.decode(codes, absmax, out),
+                }
+            }
         }
     }
 
@@ -97,7 +103,11 @@ impl<'a, F: Real> Codec<'a, F> {
                 }
             }
             Codec::Q8 { codes, absmax, q } => {
-                absmax[at / BLOCK] = q.encode(x, &mut codes[at..at + n]);
+                let codes = &mut codes[at..at + n];
+                absmax[at / BLOCK] = match (q8_simd::tables(q), F::as_f32(x)) {
+                    (Some(t), Some(x)) => q8_simd::encode(t, x, codes),
+                    (_, _) => q.encode(x, codes),
+                };
             }
         }
     }
