@@ -156,7 +156,11 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
     fn load_f32(x: &[f32]) -> __m512 {
-        let k = lanes(x.len().min(16)) as u16;
+        if x.len() >= 16 {
+            // SAFETY: x holds at least the 16 values read.
+            return unsafe { _mm512_loadu_ps(x.as_ptr()) };
+        }
+        let k = lanes(x.len()) as u16;
         // SAFETY: the mask enables only lanes below x.len(); masked-off lanes are not read.
         unsafe { _mm512_maskz_loadu_ps(k, x.as_ptr()) }
     }
@@ -165,7 +169,11 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
     fn store_f32(out: &mut [f32], v: __m512) {
-        let k = lanes(out.len().min(16)) as u16;
+        if out.len() >= 16 {
+            // SAFETY: out holds at least the 16 values written.
+            return unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) };
+        }
+        let k = lanes(out.len()) as u16;
         // SAFETY: the mask enables only lanes below out.len(); others are not written.
         unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr(), k, v) }
     }
@@ -174,7 +182,11 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
     fn load_u8(x: &[u8]) -> __m512i {
-        let k = lanes(x.len().min(64));
+        if x.len() >= 64 {
+            // SAFETY: x holds at least the 64 bytes read.
+            return unsafe { _mm512_loadu_si512(x.as_ptr().cast()) };
+        }
+        let k = lanes(x.len());
         // SAFETY: the mask enables only lanes below x.len(); masked-off lanes are not read.
         unsafe { _mm512_maskz_loadu_epi8(k, x.as_ptr().cast()) }
     }
@@ -183,7 +195,11 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
     fn store_u8(out: &mut [u8], v: __m512i) {
-        let k = lanes(out.len().min(64));
+        if out.len() >= 64 {
+            // SAFETY: out holds at least the 64 bytes written.
+            return unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), v) };
+        }
+        let k = lanes(out.len());
         // SAFETY: the mask enables only lanes below out.len(); others are not written.
         unsafe { _mm512_mask_storeu_epi8(out.as_mut_ptr().cast(), k, v) }
     }
