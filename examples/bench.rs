@@ -88,7 +88,8 @@ struct Args {
     #[arg(long)]
     skip_candle_nn: bool,
     /// State formats to step each optimizer with: f32 (rows `<algo>_fused`), blockwise8
-    /// (`<algo>_blockwise8`, bitsandbytes' default min_8bit_size 4096) and bf16
+    /// (`<algo>_blockwise8`, bitsandbytes' default min_8bit_size 4096), blockwise8_scalar (the
+    /// same through the portable scalar codecs instead of the AVX-512 VBMI ones) and bf16
     /// (`<algo>_bf16`). Muon's state is f32; its `muon_bf16` row runs Newton–Schulz in bf16.
     #[arg(long, default_value = "f32,blockwise8,bf16", value_delimiter = ',')]
     formats: Vec<String>,
@@ -425,7 +426,8 @@ impl Ours {
                 if format == "f32" || (algo == Algo::Muon && format != "bf16") {
                     continue;
                 }
-                let mut hyper = bench_hyper(format);
+                // blockwise8_scalar: the same state through the portable scalar codecs.
+                let mut hyper = bench_hyper(format.trim_end_matches("_scalar"));
                 if algo == Algo::Muon {
                     // Muon's "bf16" row: f32 state, bf16 Newton–Schulz (torch.optim.Muon's).
                     hyper = bench_hyper("f32");
@@ -898,13 +900,15 @@ fn measure(
                     }),
                 );
                 let grads = &ours.grads;
-                for (_, opt) in &mut ours.opts {
+                for (name, opt) in &mut ours.opts {
+                    simd::force_scalar_codecs(name.ends_with("_scalar"));
                     record(
                         next(),
                         time_block(block, &mut || {
                             opt.step(grads).unwrap();
                         }),
                     );
+                    simd::force_scalar_codecs(false);
                 }
                 if let Some(cn) = &mut ours.cn {
                     use candle_nn::optim::Optimizer as _;
@@ -1040,7 +1044,8 @@ fn start_rank_groups(
     let init = Arc::new(init);
     for &algo in algos {
         for format in &args.formats {
-            if format != "f32" && algo == Algo::Muon {
+            // Muon's rows have f32 state; the scalar codecs are a diagnostic of one process.
+            if (format != "f32" && algo == Algo::Muon) || format.ends_with("_scalar") {
                 continue;
             }
             let (reference, prefix) = if format == "f32" {

@@ -76,8 +76,9 @@ impl Tables {
     }
 }
 
-/// The tables for `q`, if this CPU runs the AVX-512 VBMI codecs and the element loops are not
-/// capped below AVX-512 ([`super::simd::force_level`]).
+/// The tables for `q`, if this CPU runs the AVX-512 VBMI codecs, the element loops are not
+/// capped below AVX-512 ([`super::simd::force_level`]) and the scalar codecs are not forced
+/// ([`super::simd::force_scalar_codecs`]).
 #[inline]
 pub(crate) fn tables(q: &Quantizer) -> Option<&'static Tables> {
     #[cfg(target_arch = "x86_64")]
@@ -88,7 +89,10 @@ pub(crate) fn tables(q: &Quantizer) -> Option<&'static Tables> {
                 .iter()
                 .all(|f| super::simd::x86_feature(f) == Some(true))
         });
-        if !ok || super::simd::level() < super::simd::SimdLevel::Avx512 {
+        if !ok
+            || super::simd::level() < super::simd::SimdLevel::Avx512
+            || super::simd::scalar_codecs()
+        {
             return None;
         }
         static SIGNED: OnceLock<Tables> = OnceLock::new();

@@ -6,7 +6,7 @@
 //! AVX-512, and the widest one the CPU supports is called. Every variant performs the same
 //! IEEE operations in the same order, so the results are bit-identical.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 /// Instruction-set levels the element loops are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -29,6 +29,8 @@ pub trait Task {
 }
 
 static FORCED: AtomicU8 = AtomicU8::new(0);
+/// Set by [`force_scalar_codecs`].
+static SCALAR_CODECS: AtomicBool = AtomicBool::new(false);
 /// The cached [`detected_level`] (0: not detected yet).
 static DETECTED: AtomicU8 = AtomicU8::new(0);
 
@@ -111,6 +113,18 @@ pub fn level() -> SimdLevel {
 /// CPU lacks is never used.
 pub fn force_level(level: Option<SimdLevel>) {
     FORCED.store(level.map_or(0, |l| l as u8), Ordering::Relaxed);
+}
+
+/// Makes 8-bit state use the portable scalar codecs instead of the AVX-512 VBMI ones (`true`),
+/// or the best available again (`false`). The codes are the same either way; for benchmarks
+/// that compare the two in one run.
+pub fn force_scalar_codecs(on: bool) {
+    SCALAR_CODECS.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`force_scalar_codecs`] is on.
+pub(crate) fn scalar_codecs() -> bool {
+    SCALAR_CODECS.load(Ordering::Relaxed)
 }
 
 /// Runs `task` compiled for the current [`level`].
