@@ -84,11 +84,7 @@ pub(crate) fn tables(q: &Quantizer) -> Option<&'static Tables> {
     #[cfg(target_arch = "x86_64")]
     {
         static AVAILABLE: OnceLock<bool> = OnceLock::new();
-        let ok = *AVAILABLE.get_or_init(|| {
-            x86::FEATURES
-                .iter()
-                .all(|f| super::simd::x86_feature(f) == Some(true))
-        });
+        let ok = *AVAILABLE.get_or_init(|| super::simd::all_detected(x86::FEATURES));
         if !ok
             || super::simd::level() < super::simd::SimdLevel::Avx512
             || super::simd::scalar_codecs()

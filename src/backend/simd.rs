@@ -68,7 +68,7 @@ pub(crate) fn x86_feature(name: &str) -> Option<bool> {
 
 /// Whether the CPU has every feature in `list`; an unknown name counts as missing.
 #[cfg(target_arch = "x86_64")]
-fn all_detected(list: &[&str]) -> bool {
+pub(crate) fn all_detected(list: &[&str]) -> bool {
     list.iter().all(|f| x86_feature(f) == Some(true))
 }
 
