@@ -17,8 +17,14 @@ fn random_bits(key: u64, index: u64) -> u32 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     (z ^ (z >> 31)) as u32
 }
-fn rounding_key(seed: u64, param: usize, t: u64) -> u64 {
-    let a = random_bits(seed, param as u64) as u64;
+/// The driver's key of a parameter's stream at its update `t` (src/state.rs): the seed, an FNV-1a
+/// hash of the parameter's name and the count.
+fn rounding_key(seed: u64, name: &str, t: u64) -> u64 {
+    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    let a = random_bits(seed, h) as u64;
     let b = random_bits(seed.rotate_left(32) ^ 0xA076_1D64_78BD_642F, t) as u64;
     (a << 32 | b) ^ t.wrapping_mul(0xE703_7ED1_A0B4_28DB)
 }
@@ -250,7 +256,7 @@ fn main() {
                 let mut b = [0u8; 128];
                 k.params().write_bytes(&mut b);
                 std::fs::write(dir.join(format!("k{i}.{t}.bin")), b).unwrap();
-                let key = seed.map_or(0, |s| rounding_key(s, i, t));
+                let key = seed.map_or(0, |s| rounding_key(s, &format!("p{i}"), t));
                 meta += &format!("key {i} {t} {key}\n");
             }
             opt.step(&grads).unwrap();
