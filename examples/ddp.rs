@@ -527,7 +527,7 @@ fn train_rank(comm: Arc<dyn Communicator>, device: &Device, args: &Args) -> Resu
                 report
             }
         };
-        if !report.taken {
+        if !report.taken() {
             skipped += 1;
         }
         let mut l = [loss.to_scalar::<f32>()? as f64];

@@ -806,7 +806,7 @@ fn diagnose(args: &Args, setup: &Setup, algo: Algo, dev: &Device, n: usize) -> R
                 &grads,
                 &moved,
                 lr_now,
-                rep.clip_scale,
+                rep.clip_scale(),
             )?);
         }
         let top = |matrices_only: bool| {
@@ -823,18 +823,18 @@ fn diagnose(args: &Args, setup: &Setup, algo: Algo, dev: &Device, n: usize) -> R
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let skipped = match &rep.skipped {
+        let skipped = match &rep.skipped() {
             Some(why) => format!(" (step skipped: {why:?})"),
             None => String::new(),
         };
         let line = format!(
             "| {} | {lr_now:.3e} | {l:.4}{skipped} | {} | {:.4} | {:.3e} | {} | {} |\n",
             step + 1,
-            rep.grad_norm
+            rep.grad_norm()
                 .map_or("- (no clipping: not computed)".into(), |g| format!(
                     "{g:.4}"
                 )),
-            rep.clip_scale,
+            rep.clip_scale(),
             (d_sq / p_sq.max(f64::MIN_POSITIVE)).sqrt(),
             top(false),
             top(true)

@@ -20,7 +20,7 @@ mod replay;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_optim::{Algo, NonFinitePolicy, StateTensor};
+use candle_optim::{Algo, NonFinitePolicy, StateTensor, VerdictMode};
 use clap::Parser;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -246,6 +246,12 @@ fn main() {
         println!("== state formats and stochastic rounding, CUDA vs CPU");
         let (fmt_ok, lines) = formats_check(&dev);
         ok &= fmt_ok;
+        for l in &lines {
+            md += &format!("{l}\n\n");
+        }
+        println!("== steps decided on the device vs on the host");
+        let (v_ok, lines) = verdict_check(&dev);
+        ok &= v_ok;
         for l in &lines {
             md += &format!("{l}\n\n");
         }
@@ -764,9 +770,24 @@ fn bench_set(
             let t = time_step(dev, steps, || opt.step(&grads).map(|_| ()))?;
             push(&format!("{}_fused", algo.name()), t, bytes);
             if algo == Algo::AdamW {
+                // The default policy, decided on the device (no wait per step) and on the host,
+                // without and with clipping.
                 opt.set_non_finite_policy(NonFinitePolicy::SkipStep);
-                let t = time_step(dev, steps, || opt.step(&grads).map(|_| ()))?;
-                push("adamw_fused_skipstep", t, bytes);
+                for (name, clip, mode) in [
+                    ("adamw_fused_skipstep", None, VerdictMode::Auto),
+                    ("adamw_fused_skipstep_host", None, VerdictMode::Host),
+                    ("adamw_fused_skipstep_clip", Some(1.0), VerdictMode::Auto),
+                    (
+                        "adamw_fused_skipstep_clip_host",
+                        Some(1.0),
+                        VerdictMode::Host,
+                    ),
+                ] {
+                    opt.set_max_grad_norm(clip)?;
+                    opt.set_verdict_mode(mode)?;
+                    let t = time_step(dev, steps, || opt.step(&grads).map(|_| ()))?;
+                    push(name, t, bytes);
+                }
                 // State in 8 bits (bitsandbytes' default min_8bit_size 4096) and in bf16.
                 for (name, format) in [
                     ("adamw_blockwise8", "blockwise8"),
@@ -867,4 +888,111 @@ fn torch_rows(
             Row::new(set, r["name"].as_str().unwrap_or("?"), t, bytes)
         })
         .collect())
+}
+
+/// Every optimizer with its steps decided on the device ([`VerdictMode::Auto`]) against the same
+/// run decided on the host ([`VerdictMode::Host`]), on CUDA: skipped steps in a row (NaN, then
+/// +inf), clipping, a bf16 parameter; parameters, state and counters must be equal bit for bit
+/// and the reports equal, and a deferred report must still be unresolved when `step` returns.
+fn verdict_check(dev: &Device) -> (bool, Vec<String>) {
+    let mut ok = true;
+    let mut lines = Vec::new();
+    for &algo in Algo::ALL {
+        let run = || -> candle_optim::Result<Option<String>> {
+            let shapes: [&[usize]; 3] = [&[64, 48], &[300], &[5000]];
+            let make = || -> candle_optim::Result<Vec<(String, Var)>> {
+                shapes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let t = Tensor::randn(0f32, 0.1, *s, &Device::Cpu)?.to_device(dev)?;
+                        let t = if i == 2 { t.to_dtype(DType::BF16)? } else { t };
+                        Ok((format!("p{i}"), Var::from_tensor(&t)?))
+                    })
+                    .collect()
+            };
+            let a = make()?;
+            let b: Vec<(String, Var)> = a
+                .iter()
+                .map(|(n, v)| Ok((n.clone(), Var::from_tensor(&v.as_tensor().copy()?)?)))
+                .collect::<candle_optim::Result<_>>()?;
+            let hyper = serde_json::json!({"lr": 1e-3, "weight_decay": 0.01});
+            let mut opts = [
+                algo.build_json(a.clone(), &hyper)?,
+                algo.build_json(b.clone(), &hyper)?,
+            ];
+            for (o, mode) in opts.iter_mut().zip([VerdictMode::Host, VerdictMode::Auto]) {
+                o.set_verdict_mode(mode)?;
+                o.set_max_grad_norm(Some(0.5))?;
+            }
+            for step in 0..6u64 {
+                let grads: Vec<Tensor> = a
+                    .iter()
+                    .map(|(_, v)| {
+                        let g = Tensor::randn(0f32, 1.0, v.dims(), &Device::Cpu)?;
+                        let g = match step {
+                            2 => g.broadcast_mul(&Tensor::new(f32::NAN, &Device::Cpu)?)?,
+                            3 => g.broadcast_add(&Tensor::new(f32::INFINITY, &Device::Cpu)?)?,
+                            _ => g,
+                        };
+                        Ok(g.to_dtype(v.dtype())?.to_device(dev)?)
+                    })
+                    .collect::<candle_optim::Result<_>>()?;
+                let mut reports = Vec::new();
+                for (o, vars) in opts.iter_mut().zip([&a, &b]) {
+                    let mut g = GradStore::default();
+                    for ((_, v), t) in vars.iter().zip(&grads) {
+                        g.insert(v.as_tensor(), t.copy()?);
+                    }
+                    reports.push(o.step(&g)?);
+                }
+                if step > 0 && reports[1].is_resolved() {
+                    return Ok(Some(format!("step {step}: decided on the host")));
+                }
+                let (ra, rb) = (format!("{:?}", reports[0]), format!("{:?}", reports[1]));
+                if ra != rb {
+                    return Ok(Some(format!("step {step}: reports {ra} vs {rb}")));
+                }
+                for ((name, va), (_, vb)) in a.iter().zip(&b) {
+                    let bits = |t: &Tensor| -> candle_optim::Result<Vec<u32>> {
+                        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        Ok(v.iter().map(|x| x.to_bits()).collect())
+                    };
+                    if bits(va.as_tensor())? != bits(vb.as_tensor())? {
+                        return Ok(Some(format!("step {step}: parameter {name} differs")));
+                    }
+                    let (sa, sb) = (opts[0].param_state(name), opts[1].param_state(name));
+                    let (Some(sa), Some(sb)) = (sa, sb) else {
+                        return Ok(Some(format!("step {step}: {name} has no state")));
+                    };
+                    if sa.step != sb.step {
+                        return Ok(Some(format!("step {step}: {name} counters differ")));
+                    }
+                    for ((_, x), (_, y)) in sa.slots.iter().zip(&sb.slots) {
+                        if bits(&x.to_f32()?)? != bits(&y.to_f32()?)? {
+                            return Ok(Some(format!("step {step}: state of {name} differs")));
+                        }
+                    }
+                }
+                if opts[0].step_count() != opts[1].step_count() {
+                    return Ok(Some(format!("step {step}: step counts differ")));
+                }
+            }
+            Ok(None)
+        };
+        let line = match run() {
+            Ok(None) => format!("PASS verdicts {}: device = host, bit for bit", algo.name()),
+            Ok(Some(why)) => {
+                ok = false;
+                format!("FAIL verdicts {}: {why}", algo.name())
+            }
+            Err(e) => {
+                ok = false;
+                format!("FAIL verdicts {}: {e}", algo.name())
+            }
+        };
+        println!("{line}");
+        lines.push(line);
+    }
+    (ok, lines)
 }

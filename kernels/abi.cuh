@@ -5,7 +5,7 @@
 #define CO_THREADS 256
 #define CO_MAX_SLOTS 4
 #define CO_PARAM_BYTES 128
-#define CO_ENTRY_BYTES 264
+#define CO_ENTRY_BYTES 272
 #define CO_ROW_SEG 1024
 #define CO_QBLOCK 256
 #define CO_FMT_FULL 0

@@ -11,7 +11,7 @@ __device__ void adabelief(const TensorEntry* __restrict__ ts, const BlockEntry* 
   const AdaBeliefParams& q = co_params<AdaBeliefParams>(t);
   const M decay = (M)q.decay, l2 = (M)q.l2, b1 = (M)q.beta1, ob1 = (M)(1.0 - q.beta1);
   const M b2 = (M)q.beta2, ob2 = (M)(1.0 - q.beta2), eps = (M)q.eps, bc2s = (M)q.bc2_sqrt;
-  const M neg_step = (M)(-q.step), gs = (M)q.grad_scale;
+  const M neg_step = (M)(-q.step), gs = (M)co_grad_scale(t, q.grad_scale);
   const int mode = (int)q.mode;
   const bool coupled = q.l2 != 0.0, amsgrad = q.amsgrad != 0;
   // s[0] m, s[1] var, s[2] max var (amsgrad)

@@ -24,9 +24,10 @@
 template <typename M> struct AdamPScalars {
   M b1, ob1, b2, ob2, bc2s, eps, gs, neg_ss;
   bool nesterov;
-  __device__ __forceinline__ AdamPScalars(const AdamPParams& q)
+  __device__ __forceinline__ AdamPScalars(const TensorEntry& t, const AdamPParams& q)
       : b1((M)q.beta1), ob1((M)(1.0 - q.beta1)), b2((M)q.beta2), ob2((M)(1.0 - q.beta2)),
-        bc2s((M)q.bc2_sqrt), eps((M)q.eps), gs((M)q.grad_scale), neg_ss((M)(-q.step_size)),
+        bc2s((M)q.bc2_sqrt), eps((M)q.eps), gs((M)co_grad_scale(t, q.grad_scale)),
+        neg_ss((M)(-q.step_size)),
         nesterov(q.nesterov != 0) {}
   __device__ __forceinline__ M u(M mi, M vi, M gi) const {
     const M denom = sqrt(vi) / bc2s + eps;
@@ -106,7 +107,8 @@ __device__ void adamp_pass1(const TensorEntry* __restrict__ ts, const BlockEntry
   typedef typename Elem<P>::M M;
   const BlockEntry blk = bs[blockIdx.x];
   const TensorEntry& t = ts[blk.tensor];
-  const AdamPScalars<M> c(co_params<AdamPParams>(t));
+  if (co_skipped(t)) return;
+  const AdamPScalars<M> c(t, co_params<AdamPParams>(t));
   const Segment s = segment_of(t, blk.chunk);
   if (!s.valid) return;
   double gp = 0.0, gg = 0.0, pp = 0.0;
@@ -135,6 +137,7 @@ extern "C" __global__ void __launch_bounds__(CO_THREADS)
     adamp_decide(const TensorEntry* __restrict__ ts, const double* __restrict__ rows,
                  double* __restrict__ mode) {
   const TensorEntry& t = ts[blockIdx.x];
+  if (co_skipped(t)) return;
   const AdamPParams& q = co_params<AdamPParams>(t);
   const double eps = q.eps, delta = q.delta;
   double mx = -1.0, gp = 0.0, gg = 0.0, pp = 0.0;
@@ -177,7 +180,8 @@ __device__ void adamp_pu(const TensorEntry* __restrict__ ts, const BlockEntry* _
   const double md = mode[4 * blk.tensor];
   if (md == 0.0) return;
   const TensorEntry& t = ts[blk.tensor];
-  const AdamPScalars<M> c(co_params<AdamPParams>(t));
+  if (co_skipped(t)) return;
+  const AdamPScalars<M> c(t, co_params<AdamPParams>(t));
   const Segment s = segment_of(t, blk.chunk);
   if (!s.valid) return;
   double acc = 0.0;
@@ -200,6 +204,7 @@ extern "C" __global__ void __launch_bounds__(CO_THREADS)
                const double* __restrict__ pu, double* __restrict__ coef) {
   const BlockEntry blk = bs[blockIdx.x];
   const TensorEntry& t = ts[blk.tensor];
+  if (co_skipped(t)) return;
   const unsigned long long r = (unsigned long long)blk.chunk * CO_THREADS + threadIdx.x;
   const double md = mode[4 * blk.tensor], eps = co_params<AdamPParams>(t).eps;
   if (md == 0.0 || r >= t.rows || (md == 2.0 && r > 0)) return;
@@ -215,7 +220,7 @@ __device__ void adamp_pass2(const TensorEntry* __restrict__ ts, const BlockEntry
   typedef typename Elem<P>::M M;
   CO_TENSOR(t)
   const AdamPParams& q = co_params<AdamPParams>(t);
-  const AdamPScalars<M> c(q);
+  const AdamPScalars<M> c(t, q);
   const double md = mode[4 * co_b.tensor];
   const double lr_wd = q.lr_wd, r = md != 0.0 ? q.wd_ratio : 1.0;
   const M decay = lr_wd > 0.0 ? (M)(1.0 - lr_wd * r) : M(1);
@@ -241,7 +246,7 @@ __device__ void adamp_plain(const TensorEntry* __restrict__ ts, const BlockEntry
   typedef typename Elem<P>::M M;
   CO_TENSOR(t)
   const AdamPParams& q = co_params<AdamPParams>(t);
-  const AdamPScalars<M> c(q);
+  const AdamPScalars<M> c(t, q);
   const M decay = q.lr_wd > 0.0 ? (M)(1.0 - q.lr_wd) : M(1);
   co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {
     const M gi = g * c.gs;

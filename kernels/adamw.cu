@@ -11,7 +11,7 @@ __device__ void adamw(const TensorEntry* __restrict__ ts, const BlockEntry* __re
   const AdamWParams& q = co_params<AdamWParams>(t);
   const M decay = (M)q.decay, lw = (M)q.lerp_w, lw1 = M(1) - lw, b2 = (M)q.beta2;
   const M ob2 = (M)q.one_minus_beta2, bc2s = (M)q.bc2_sqrt, neg_step = (M)(-q.step_size);
-  const M eps = (M)q.eps, gs = (M)q.grad_scale;
+  const M eps = (M)q.eps, gs = (M)co_grad_scale(t, q.grad_scale);
   const bool small_w = q.lerp_w < 0.5, amsgrad = q.amsgrad != 0;
   co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {
     const M gi = g * gs;

@@ -13,7 +13,7 @@ __device__ void adan(const TensorEntry* __restrict__ ts, const BlockEntry* __res
   const M b1 = (M)q.beta1, ob1 = (M)(1.0 - q.beta1), b2 = (M)q.beta2, ob2 = (M)(1.0 - q.beta2);
   const M b3 = (M)q.beta3, ob3 = (M)(1.0 - q.beta3), bc3s = (M)q.bc3_sqrt, eps = (M)q.eps;
   const M neg_ss = (M)(-q.step_size), neg_ssd = (M)(-q.step_size_diff), decay = (M)q.decay;
-  const M prox = (M)q.prox_div, gs = (M)q.grad_scale;
+  const M prox = (M)q.prox_div, gs = (M)co_grad_scale(t, q.grad_scale);
   const bool no_prox = q.no_prox != 0, first = q.first != 0;
   // s[0] m, s[1] n, s[2] d, s[3] q
   co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {

@@ -43,6 +43,7 @@ __device__ void codec_pack(const TensorEntry* __restrict__ ts, const BlockEntry*
   const BlockEntry b = bs[blockIdx.x];
   const TensorEntry& t = ts[2 * b.tensor];
   const TensorEntry& d = ts[2 * b.tensor + 1];
+  if (co_skipped(t)) return;  // the stored state stays as it was
   const unsigned long long start = (unsigned long long)b.chunk * CO_CHUNK;
   const unsigned long long end = min(start + (unsigned long long)CO_CHUNK, t.n);
   // Both conditions are per tensor, so every lane of a warp encodes the same slots.

@@ -37,6 +37,9 @@ struct TensorEntry {
   unsigned long long absmax[CO_MAX_SLOTS];
   unsigned long long qtab;  // the device's quantizer table (maps, LUTs; CO_QTAB_*) for 8-bit slots
   unsigned long long key;   // the stochastic-rounding stream of a bf16 parameter (CO_FLAG_SR)
+  // The step's verdict decided on the device (StepControl, written by reduce.cu's step_verdict
+  // earlier on the same stream), or 0: see co_skipped and co_grad_scale.
+  unsigned long long ctl;
   unsigned int fmt;
   unsigned int flags;       // bits 0..CO_MAX_SLOTS: signed map; CO_FLAG_SR: stochastic rounding
   // The kernel's parameter struct, written by the host field by field at the offsets
@@ -50,6 +53,20 @@ static_assert(sizeof(TensorEntry) == CO_ENTRY_BYTES, "TensorEntry layout is shar
 template <typename T> __device__ __forceinline__ const T& co_params(const TensorEntry& t) {
   static_assert(sizeof(T) <= CO_PARAM_BYTES && alignof(T) <= 8, "fits TensorEntry::params");
   return *reinterpret_cast<const T*>(t.params);
+}
+
+// Whether the step this tensor belongs to was skipped on the device (a non-finite gradient): every
+// kernel that writes a parameter or its state returns before touching it. The test is per
+// tensor, so a whole block returns together (no __syncthreads is left waiting).
+__device__ __forceinline__ bool co_skipped(const TensorEntry& t) {
+  return t.ctl != 0ull && reinterpret_cast<const StepControl*>(t.ctl)->skip != 0u;
+}
+
+// The factor the gradient is multiplied by: the host's `grad_scale` (loss scale, maximize sign)
+// times the clipping factor decided on the device, in double as the host forms it.
+__device__ __forceinline__ double co_grad_scale(const TensorEntry& t, double host_scale) {
+  return t.ctl != 0ull ? host_scale * reinterpret_cast<const StepControl*>(t.ctl)->grad_mul
+                       : host_scale;
 }
 
 struct BlockEntry {
@@ -160,10 +177,12 @@ template <typename M> __device__ __forceinline__ M max_nan(M a, M b) {
   return (a != a || a > b) ? a : b;
 }
 
-// The tensor of this block (`t`, a reference into the table) ...
+// The tensor of this block (`t`, a reference into the table; the block returns when its step was
+// skipped on the device) ...
 #define CO_TENSOR(t)                     \
   const BlockEntry co_b = bs[blockIdx.x]; \
-  const TensorEntry& t = ts[co_b.tensor];
+  const TensorEntry& t = ts[co_b.tensor]; \
+  if (co_skipped(t)) return;
 // ... and the loop over the block's chunk of it. Scalars read from co_params between the two are
 // computed once per block, not per element.
 #define CO_LOOP(t, i)                                                                    \

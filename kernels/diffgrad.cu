@@ -11,7 +11,7 @@ __device__ void diffgrad(const TensorEntry* __restrict__ ts, const BlockEntry* _
   const DiffGradParams& q = co_params<DiffGradParams>(t);
   const M wd = (M)q.wd, b1 = (M)q.beta1, ob1 = (M)(1.0 - q.beta1), b2 = (M)q.beta2;
   const M ob2 = (M)(1.0 - q.beta2), eps = (M)q.eps, neg_ss = (M)(-q.step_size);
-  const M gs = (M)q.grad_scale;
+  const M gs = (M)co_grad_scale(t, q.grad_scale);
   const bool coupled = q.wd != 0.0;
   // s[0] m, s[1] v, s[2] previous gradient
   co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {

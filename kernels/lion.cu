@@ -9,7 +9,7 @@ __device__ void lion(const TensorEntry* __restrict__ ts, const BlockEntry* __res
   CO_TENSOR(t)
   const LionParams& q = co_params<LionParams>(t);
   const M decay = (M)q.decay, neg_lr = (M)(-q.lr), b1 = (M)q.beta1, ob1 = (M)(1.0 - q.beta1);
-  const M b2 = (M)q.beta2, ob2 = (M)(1.0 - q.beta2), gs = (M)q.grad_scale;
+  const M b2 = (M)q.beta2, ob2 = (M)(1.0 - q.beta2), gs = (M)co_grad_scale(t, q.grad_scale);
   co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {
     const M gi = g * gs;
     const M mi = s[0];

@@ -11,7 +11,7 @@ __device__ void muon(const TensorEntry* __restrict__ ts, const BlockEntry* __res
   CO_TENSOR(t)
   const MuonParams& q = co_params<MuonParams>(t);
   if (q.pass == 0u) {
-    const M w = (M)q.lerp_w, w1 = M(1) - w, gs = (M)q.grad_scale;
+    const M w = (M)q.lerp_w, w1 = M(1) - w, gs = (M)co_grad_scale(t, q.grad_scale);
     const M mu = (M)q.mu, mu1 = M(1) - mu;
     const bool w_small = q.lerp_w < 0.5, mu_small = q.mu < 0.5, nesterov = q.nesterov != 0u;
     co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {

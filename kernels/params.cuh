@@ -212,3 +212,17 @@ struct ReduceParams {
 static_assert(sizeof(ReduceParams) == 8, "ReduceParams: layout shared with src/reduce.rs");
 static_assert(offsetof(ReduceParams, mean) == 0, "ReduceParams.mean");
 static_assert(sizeof(ReduceParams) <= CO_PARAM_BYTES, "ReduceParams: fits TensorEntry's parameter area");
+
+// src/reduce.rs (crate::reduce)
+struct StepControl {
+  double grad_mul;
+  double norm;
+  unsigned int skip;
+  unsigned int bad;
+};
+static_assert(sizeof(StepControl) == 24, "StepControl: layout shared with src/reduce.rs");
+static_assert(offsetof(StepControl, grad_mul) == 0, "StepControl.grad_mul");
+static_assert(offsetof(StepControl, norm) == 8, "StepControl.norm");
+static_assert(offsetof(StepControl, skip) == 16, "StepControl.skip");
+static_assert(offsetof(StepControl, bad) == 20, "StepControl.bad");
+static_assert(sizeof(StepControl) <= CO_PARAM_BYTES, "StepControl: fits TensorEntry's parameter area");

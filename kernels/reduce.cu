@@ -74,3 +74,31 @@ extern "C" __global__ void __launch_bounds__(CO_THREADS)
     if (threadIdx.x == 0) out[t * width + k] = s;
   }
 }
+
+// The verdict of a step decided on the device (the driver's check_and_clip, without reading
+// anything back): from the per-tensor totals of sums_* (width 3: Σx, Σx², Σx·0), row[i] the
+// row of the step's i-th gradient in `totals` (n gradients), the host's factor `scale`, the
+// clipping threshold (0: none) and whether a non-finite gradient skips the step. One thread adds
+// in gradient order, exactly as the host does, so the norm and the factor are the synchronous
+// path's bit for bit.
+extern "C" __global__ void step_verdict(const double* __restrict__ totals,
+                                        const unsigned int* __restrict__ row, unsigned int n,
+                                        double scale, double max_norm, unsigned int skip_policy,
+                                        StepControl* __restrict__ out) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  double q = 0.0;
+  unsigned int bad = 0xFFFFFFFFu;
+  for (unsigned int i = 0; i < n; ++i) {
+    q += totals[3 * row[i] + 1];
+    const double z = totals[3 * row[i] + 2];
+    if (z != z && bad == 0xFFFFFFFFu) bad = i;
+  }
+  StepControl c;
+  c.skip = (skip_policy != 0u && bad != 0xFFFFFFFFu) ? 1u : 0u;
+  c.bad = bad;
+  c.norm = sqrt(q * (scale * scale));
+  // torch.nn.utils.clip_grad_norm_: max / (norm + 1e-6), at most 1 (fmin: 1 for a NaN norm, as
+  // the host's f64::min).
+  c.grad_mul = max_norm > 0.0 ? fmin(max_norm / (c.norm + 1e-6), 1.0) : 1.0;
+  *out = c;
+}

@@ -10,7 +10,7 @@ __device__ void sgd(const TensorEntry* __restrict__ ts, const BlockEntry* __rest
   CO_TENSOR(t)
   const SgdParams& q = co_params<SgdParams>(t);
   const M neg_lr = (M)(-q.lr), mu = (M)q.momentum, omd = (M)q.one_minus_dampening;
-  const M wd = (M)q.weight_decay, gs = (M)q.grad_scale;
+  const M wd = (M)q.weight_decay, gs = (M)co_grad_scale(t, q.grad_scale);
   const bool has_wd = q.weight_decay != 0.0, has_buf = q.momentum != 0.0;
   const bool first = q.first != 0, nesterov = q.nesterov != 0;
   co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {

@@ -11,7 +11,7 @@ __device__ void sgd_sai(const TensorEntry* __restrict__ ts, const BlockEntry* __
   CO_TENSOR(t)
   const SgdSaiParams& q = co_params<SgdSaiParams>(t);
   const M decay = (M)q.decay, neg_s = (M)(-q.step_size), mu = (M)q.momentum;
-  const M omu = (M)q.one_minus_momentum, gs = (M)q.grad_scale;
+  const M omu = (M)q.one_minus_momentum, gs = (M)co_grad_scale(t, q.grad_scale);
   const bool first = q.first != 0, has_buf = t.s[0] != 0;
   co_apply<P, true>(t, co_b, [&](unsigned long long, M& p, M g, M* s) {
     const M gi = g * gs;

@@ -4,9 +4,10 @@
 # fonts and plots of the examples and tests cannot slip into the crate again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# 800 kB: the sources with the state formats and their CUDA kernels are ~640 kB; a data file,
-# font or plot is megabytes.
-LIMIT_BYTES=${LIMIT_BYTES:-800000}
+# 900 kB: the sources with the state formats, Muon and their CUDA kernels, README.md,
+# ALGORITHMS.md and the Cargo.lock cargo always adds are ~820 kB (about 230 kB as the
+# compressed .crate); a data file, font or plot is megabytes.
+LIMIT_BYTES=${LIMIT_BYTES:-900000}
 
 # (a) Normal and build dependencies, transitively, for this host (dev-dependencies do not
 # build the library; other platforms' dependencies are not built here).

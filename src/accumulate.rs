@@ -38,7 +38,7 @@ pub enum Reduction {
 ///     acc.backward(&loss)?;
 /// }
 /// let report = acc.step(&mut opt)?; // one step on the mean gradient, then the buffers reset
-/// assert!(report.taken && acc.micro_batches() == 0);
+/// assert!(report.taken() && acc.micro_batches() == 0);
 /// # Ok::<(), candle_optim::Error>(())
 /// ```
 pub struct GradAccumulator {

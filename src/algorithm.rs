@@ -396,9 +396,21 @@ pub trait Algorithm:
 
     /// Runs once per step, after the gradients were checked and before any parameter changes:
     /// the place for reductions over gradients (SGD-SaI's first-step g-SNR, Adan's global norm).
+    /// At a step where every parameter has its state and [`prepare_reads_gradients`] is false,
+    /// it must leave the scalars as they are: such a step may be decided on the device and taken
+    /// back later, which restores the counters only.
+    ///
+    /// [`prepare_reads_gradients`]: Algorithm::prepare_reads_gradients
     fn prepare(global: &mut Self::Global, ctx: &mut StepContext<'_, '_, Self>) -> Result<()> {
         let _ = (global, ctx);
         Ok(())
+    }
+
+    /// Whether `prepare` needs a reduction over the gradients on the host at a step where every
+    /// parameter already has its state (Adan's clipping): such steps are decided on the host,
+    /// since `prepare` reads the result. (First steps always are: state is allocated then.)
+    fn prepare_reads_gradients(&self) -> bool {
+        false
     }
 
     /// The step scalars of one parameter, computed in f64.
@@ -510,8 +522,9 @@ pub struct SampleParams {
     #[test]
     fn header_sizes_are_rusts() {
         let h = include_str!("../kernels/params.cuh");
-        // One struct per algorithm of the table, and the reductions'.
-        assert_eq!(super::PARAM_SIZES.len(), crate::Algo::ALL.len() + 1);
+        // One struct per algorithm of the table, and the reductions' two (their parameters and
+        // the step's device verdict).
+        assert_eq!(super::PARAM_SIZES.len(), crate::Algo::ALL.len() + 2);
         for &(name, size) in super::PARAM_SIZES {
             let want = format!("static_assert(sizeof({name}) == {size},");
             assert!(

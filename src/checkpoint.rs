@@ -184,9 +184,14 @@ impl<A: Algorithm> Optim<A> {
     pub fn save_bytes(&self) -> Result<Vec<u8>> {
         let mut tensors: Vec<(String, Blob)> = Vec::new();
         let mut groups = Vec::with_capacity(self.groups.len());
+        // The counters as the last step's verdict leaves them (a step decided on the device).
+        let undone = self.undone();
+        let mut flat = 0;
         for g in &self.groups {
             let mut params = Vec::with_capacity(g.params.len());
             for p in &g.params {
+                let back = undone.is_some_and(|u| u.get(flat).copied().unwrap_or(false));
+                flat += 1;
                 if A::extra_scalars(&p.extra)
                     .iter()
                     .any(|(_, v)| !v.is_finite())
@@ -218,7 +223,7 @@ impl<A: Algorithm> Optim<A> {
                     positional: p.positional,
                     shape: p.var.dims().to_vec(),
                     dtype: dtype_name(p.var.dtype()),
-                    step: p.t,
+                    step: p.t - u64::from(back),
                     fresh: p.fresh,
                     has_state: p.slots.is_some(),
                     extra: p.extra.clone(),
@@ -228,7 +233,7 @@ impl<A: Algorithm> Optim<A> {
                 config: g.config.clone(),
                 lr_ratio: g.lr_ratio,
                 state_format: g.format,
-                step: g.step,
+                step: g.step - u64::from(undone.is_some()),
                 params,
             });
         }
@@ -245,7 +250,7 @@ impl<A: Algorithm> Optim<A> {
             algorithm: A::NAME.to_string(),
             base: self.base.clone(),
             peak_lr: self.peak_lr,
-            steps: self.steps,
+            steps: self.step_count(),
             schedule: self.schedule.clone(),
             policy: self.policy,
             max_grad_norm: self.max_grad_norm,
@@ -515,7 +520,8 @@ impl<A: Algorithm> Optim<A> {
             )));
         }
 
-        // Everything checked: commit.
+        // Everything checked: commit. (A pending device verdict is superseded.)
+        self.pending = None;
         for ((((gs, g), slots), idx), ratio) in state
             .groups
             .into_iter()

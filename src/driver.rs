@@ -44,21 +44,218 @@ pub enum SkipReason {
 }
 
 /// What one call to `step` did.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// On CUDA, a step whose parameters all have their state (every step after the first) is
+/// decided on the device: the non-finite check and the clipping norm run there, the update
+/// kernels read the verdict, and `step` returns without waiting for the device. The report
+/// then resolves when one of its methods is first called, waiting only for the copy of that
+/// verdict to the host (enqueued right after it is computed, before the update), never for the
+/// stream's later work. Elsewhere the report is known when `step` returns.
+#[derive(Clone)]
 pub struct StepReport {
-    /// Whether the update was applied.
-    pub taken: bool,
+    verdict: Verdict,
+    /// Parameters with a gradient: those updated if the step was taken.
+    present: usize,
+    /// The step count before the call.
+    before: u64,
+}
+
+impl StepReport {
+    fn known(outcome: Outcome, present: usize, before: u64) -> Self {
+        StepReport {
+            verdict: Verdict::Known(outcome),
+            present,
+            before,
+        }
+    }
+
+    /// Sets how many parameters a taken step updated (a sharded optimizer counts whole ones).
+    pub(crate) fn set_present(&mut self, n: usize) {
+        self.present = n;
+    }
+
+    /// The outcome, waiting for a device verdict to reach the host.
+    pub fn outcome(&self) -> Result<&Outcome> {
+        self.verdict.outcome()
+    }
+
+    /// Whether the outcome is known without waiting for the device.
+    pub fn is_resolved(&self) -> bool {
+        match &self.verdict {
+            Verdict::Known(_) => true,
+            Verdict::Deferred(d) => d.outcome.get().is_some(),
+        }
+    }
+
+    /// Whether the update was applied. (Should the device's verdict be unreadable, `false`; the
+    /// optimizer's next call reports the device's error.)
+    pub fn taken(&self) -> bool {
+        self.outcome().is_ok_and(|o| o.skipped.is_none())
+    }
+
     /// Why it was not, if it was not.
+    pub fn skipped(&self) -> Option<SkipReason> {
+        self.outcome().ok().and_then(|o| o.skipped.clone())
+    }
+
+    /// The global L2 norm of the gradients before clipping, when clipping is configured and the
+    /// step was not skipped (the non-finite check alone runs a cheaper pass that computes no
+    /// norm).
+    pub fn grad_norm(&self) -> Option<f64> {
+        self.outcome().ok().and_then(|o| o.grad_norm)
+    }
+
+    /// The factor the gradients were scaled by (1 without clipping).
+    pub fn clip_scale(&self) -> f64 {
+        self.outcome().map_or(1.0, |o| o.clip_scale)
+    }
+
+    /// How many parameters were updated.
+    pub fn updated(&self) -> usize {
+        if self.taken() {
+            self.present
+        } else {
+            0
+        }
+    }
+
+    /// The optimizer's step count after this call.
+    pub fn step(&self) -> u64 {
+        self.before + u64::from(self.taken())
+    }
+}
+
+impl std::fmt::Debug for StepReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepReport")
+            .field("taken", &self.taken())
+            .field("skipped", &self.skipped())
+            .field("grad_norm", &self.grad_norm())
+            .field("clip_scale", &self.clip_scale())
+            .field("updated", &self.updated())
+            .field("step", &self.step())
+            .finish()
+    }
+}
+
+impl PartialEq for StepReport {
+    fn eq(&self, other: &Self) -> bool {
+        self.outcome().ok() == other.outcome().ok()
+            && self.updated() == other.updated()
+            && self.step() == other.step()
+    }
+}
+
+/// The verdict of a step's non-finite check and clipping.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    /// Why the step was skipped, if it was.
     pub skipped: Option<SkipReason>,
-    /// The global L2 norm of the gradients before clipping, when clipping is configured (the
-    /// non-finite check alone runs a cheaper pass that computes no norm).
+    /// The global L2 norm of the gradients before clipping (with clipping, when not skipped).
     pub grad_norm: Option<f64>,
     /// The factor the gradients were scaled by (1 without clipping).
     pub clip_scale: f64,
-    /// How many parameters were updated.
-    pub updated: usize,
-    /// The optimizer's step count after this call.
-    pub step: u64,
+}
+
+impl Outcome {
+    const PLAIN: Outcome = Outcome {
+        skipped: None,
+        grad_norm: None,
+        clip_scale: 1.0,
+    };
+}
+
+#[derive(Clone)]
+enum Verdict {
+    Known(Outcome),
+    Deferred(std::sync::Arc<Deferred>),
+}
+
+impl Verdict {
+    fn outcome(&self) -> Result<&Outcome> {
+        match self {
+            Verdict::Known(o) => Ok(o),
+            Verdict::Deferred(d) => d.outcome(),
+        }
+    }
+}
+
+/// A verdict read when first needed.
+struct Deferred {
+    source: DeferredSource,
+    outcome: std::sync::OnceLock<std::result::Result<Outcome, String>>,
+}
+
+enum DeferredSource {
+    /// Decided on the host, resolved as a device verdict is ([`VerdictMode::EmulateDeferred`]).
+    Host(Outcome),
+    /// Decided on a CUDA device; `names`: the step's parameters with a gradient, in order.
+    #[cfg(feature = "cuda")]
+    Device {
+        verdict: backend::cuda::DeviceVerdict,
+        names: Vec<String>,
+        clipping: bool,
+    },
+}
+
+impl Deferred {
+    fn outcome(&self) -> Result<&Outcome> {
+        self.outcome
+            .get_or_init(|| match &self.source {
+                DeferredSource::Host(o) => Ok(o.clone()),
+                #[cfg(feature = "cuda")]
+                DeferredSource::Device {
+                    verdict,
+                    names,
+                    clipping,
+                } => verdict.read().map_err(|e| e.to_string()).map(|c| {
+                    if c.skip != 0 {
+                        Outcome {
+                            skipped: Some(SkipReason::NonFiniteGradient {
+                                param: names.get(c.bad as usize).cloned().unwrap_or_default(),
+                            }),
+                            ..Outcome::PLAIN
+                        }
+                    } else if *clipping {
+                        Outcome {
+                            skipped: None,
+                            grad_norm: Some(c.norm),
+                            clip_scale: c.grad_mul,
+                        }
+                    } else {
+                        Outcome::PLAIN
+                    }
+                }),
+            })
+            .as_ref()
+            .map_err(|e| Error::Unsupported(format!("reading a step's device verdict: {e}")))
+    }
+}
+
+/// Where a step's non-finite check and clipping are decided.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VerdictMode {
+    /// On CUDA, on the device without waiting for it, whenever the step allows (every
+    /// parameter with a gradient has its state, one device, no f64 gradients, the policy is
+    /// not [`NonFinitePolicy::Error`], no rank collective, and the algorithm's `prepare` reads
+    /// no gradients); otherwise on the host. The default.
+    #[default]
+    Auto,
+    /// Always on the host, before `step` returns (one wait for the device per step on CUDA).
+    Host,
+    /// For tests of the deferred path on machines without a GPU: decided on the host, but
+    /// committed and reported as a device verdict is (the update skipped where the device's
+    /// kernels would skip it, the counters corrected when the verdict is read).
+    #[doc(hidden)]
+    EmulateDeferred,
+}
+
+/// A step decided on the device and committed before its verdict was read: the counters it
+/// advanced are taken back if the verdict says skipped.
+pub(crate) struct Pending {
+    verdict: std::sync::Arc<Deferred>,
+    /// Per parameter (in group order): whether the step advanced its counter.
+    advanced: Vec<bool>,
 }
 
 /// The state of one parameter, for inspection. The tensors share storage with the optimizer's
@@ -146,6 +343,11 @@ pub struct Optim<A: Algorithm> {
     reducer: Reducer,
     /// The other ranks, when this optimizer is one rank's shard of a [`crate::dist::Sharded`].
     pub(crate) collective: Option<std::sync::Arc<dyn Collective>>,
+    /// Where steps are decided.
+    verdicts: VerdictMode,
+    /// The last step, when it was decided on the device and its verdict has not been applied to
+    /// the counters yet ([`Optim::settle`]).
+    pub(crate) pending: Option<Pending>,
 }
 
 impl<A: Algorithm> std::fmt::Debug for Optim<A> {
@@ -155,7 +357,7 @@ impl<A: Algorithm> std::fmt::Debug for Optim<A> {
             .field("lr", &self.learning_rate())
             .field("groups", &self.groups.len())
             .field("params", &self.num_params())
-            .field("steps", &self.steps)
+            .field("steps", &self.step_count())
             .finish()
     }
 }
@@ -248,6 +450,8 @@ impl<A: Algorithm> Optim<A> {
             rounding,
             reducer: Reducer::new(),
             collective: None,
+            verdicts: VerdictMode::Auto,
+            pending: None,
         })
     }
 
@@ -340,7 +544,9 @@ impl<A: Algorithm> Optim<A> {
 
     /// The schedule's factor at the next step (1 without a schedule).
     fn schedule_factor(&self) -> f64 {
-        self.schedule.as_ref().map_or(1.0, |s| s.factor(self.steps))
+        self.schedule
+            .as_ref()
+            .map_or(1.0, |s| s.factor(self.step_count()))
     }
 
     /// The peak learning rate (what [`set_learning_rate`](Self::set_learning_rate) set).
@@ -372,9 +578,63 @@ impl<A: Algorithm> Optim<A> {
         Ok(())
     }
 
-    /// Steps taken so far.
+    /// Steps taken so far. (After a step decided on the device, this waits for its verdict.)
     pub fn step_count(&self) -> u64 {
-        self.steps
+        self.steps - u64::from(self.undone().is_some())
+    }
+
+    /// Where steps are decided (see [`VerdictMode`]).
+    pub fn verdict_mode(&self) -> VerdictMode {
+        self.verdicts
+    }
+
+    /// Sets where steps are decided; [`VerdictMode::Host`] makes every step's report known when
+    /// `step` returns, at the cost of one wait for the device per step on CUDA.
+    pub fn set_verdict_mode(&mut self, mode: VerdictMode) -> Result<()> {
+        self.settle()?;
+        self.verdicts = mode;
+        Ok(())
+    }
+
+    /// When the last step was decided on the device and its verdict (read now, waiting for it if
+    /// needed) says skipped: the parameters (in group order) whose counters it advanced, which
+    /// the counters stored here still include. Getters subtract them; [`settle`](Self::settle)
+    /// takes them back.
+    pub(crate) fn undone(&self) -> Option<&[bool]> {
+        let p = self.pending.as_ref()?;
+        match p.verdict.outcome() {
+            Ok(o) if o.skipped.is_some() => Some(&p.advanced),
+            _ => None,
+        }
+    }
+
+    /// Applies the pending step's verdict to the counters (taking back a skipped step's), so
+    /// that every counter stored here is exact. Waits for the verdict's copy to the host, which
+    /// was enqueued before that step's update: the device's queue does not drain.
+    pub(crate) fn settle(&mut self) -> Result<()> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let skipped = match p.verdict.outcome() {
+            Ok(o) => o.skipped.is_some(),
+            Err(e) => {
+                self.pending = Some(p);
+                return Err(e);
+            }
+        };
+        if skipped {
+            let mut advanced = p.advanced.iter();
+            for g in &mut self.groups {
+                g.step -= 1;
+                for q in &mut g.params {
+                    if advanced.next().copied().unwrap_or(false) {
+                        q.t -= 1;
+                    }
+                }
+            }
+            self.steps -= 1;
+        }
+        Ok(())
     }
 
     /// Bytes of optimizer state held now: state tensors plus per-parameter scalars.
@@ -458,19 +718,30 @@ impl<A: Algorithm> Optim<A> {
     /// The state of `var`, if it is one of this optimizer's parameters and has state.
     pub fn state_of(&self, var: &Var) -> Option<ParamState> {
         let id = var.id();
-        self.groups.iter().enumerate().find_map(|(gi, g)| {
-            g.params
-                .iter()
-                .find(|p| p.var.id() == id)
-                .map(|p| Self::view(gi, &g.config, p))
-        })
+        self.find_view(|p| p.var.id() == id)
     }
 
-    fn view(gi: usize, config: &A, p: &Param<A>) -> ParamState {
+    /// The view of the first parameter `pick` accepts.
+    fn find_view(&self, pick: impl Fn(&Param<A>) -> bool) -> Option<ParamState> {
+        let undone = self.undone();
+        let mut flat = 0;
+        for (gi, g) in self.groups.iter().enumerate() {
+            for p in &g.params {
+                if pick(p) {
+                    let back = undone.is_some_and(|u| u.get(flat).copied().unwrap_or(false));
+                    return Some(Self::view(gi, &g.config, p, p.t - u64::from(back)));
+                }
+                flat += 1;
+            }
+        }
+        None
+    }
+
+    fn view(gi: usize, config: &A, p: &Param<A>, t: u64) -> ParamState {
         ParamState {
             name: p.name.clone(),
             group: gi,
-            step: p.t,
+            step: t,
             slots: match &p.slots {
                 Some(s) => config
                     .param_slots(p.var.dims())
@@ -486,12 +757,7 @@ impl<A: Algorithm> Optim<A> {
 
     /// The state of the parameter called `name`.
     pub fn param_state(&self, name: &str) -> Option<ParamState> {
-        self.groups.iter().enumerate().find_map(|(gi, g)| {
-            g.params
-                .iter()
-                .find(|p| p.name == name)
-                .map(|p| Self::view(gi, &g.config, p))
-        })
+        self.find_view(|p| p.name == name)
     }
 
     /// Optimizer-wide scalars (SGD-SaI: `gsnr_max`).
@@ -502,6 +768,7 @@ impl<A: Algorithm> Optim<A> {
     /// Zeroes all state in place and resets every counter: the optimizer then behaves like a
     /// fresh one, except that the parameters keep their values.
     pub fn reset_state(&mut self) -> Result<()> {
+        self.settle()?;
         for g in &mut self.groups {
             g.step = 0;
             for p in &mut g.params {
@@ -536,32 +803,143 @@ impl<A: Algorithm> Optim<A> {
     /// pass: nothing is allocated). Clipping and the reported norm see the scaled gradients.
     /// [`crate::GradAccumulator`] uses it to average micro-batches.
     pub fn step_scaled(&mut self, grads: &GradStore, scale: f64) -> Result<StepReport> {
+        // The last step's verdict, if it was decided on the device, into the counters.
+        self.settle()?;
         // 1. Validate: hyperparameters, then every gradient against its parameter.
         let present = self.validate(grads, scale)?;
-        let mut report = StepReport {
-            taken: false,
-            skipped: None,
-            grad_norm: None,
-            clip_scale: 1.0,
-            updated: present.iter().flatten().count(),
-            step: self.steps,
-        };
-        // 2. The non-finite check and clipping: one reduction over the gradients.
-        let Some(grad_scale) = self.check_and_clip(&present, scale, &mut report)? else {
-            return Ok(report);
+        let count = present.iter().flatten().count();
+        let before = self.steps;
+        // 2. The non-finite check and clipping: one reduction over the gradients, decided on
+        //    the device where the step allows (nothing is read back), else on the host.
+        let (verdict, grad_scale, ctl) = match self.deferred_verdict(&present, scale)? {
+            Some(d) => d,
+            None => {
+                let outcome = self.check_and_clip(&present, scale)?;
+                if outcome.skipped.is_some() {
+                    return Ok(StepReport::known(outcome, count, before));
+                }
+                let grad_scale = scale * outcome.clip_scale;
+                (Verdict::Known(outcome), grad_scale, 0)
+            }
         };
         // 3. Prepare, on copies: the algorithm's reductions (SGD-SaI's g-SNR, Adan's clipping)
         //    and every parameter's step scalars.
         let plan = self.prepare(&present, grad_scale)?;
         // 4. Allocate the state that parameters at their first gradient need.
         let new_slots = self.allocate(&present)?;
-        // 5. Apply: one fused pass per group.
-        self.apply(&present, &plan, &new_slots)?;
-        // 6. Commit.
+        // 5. Apply: one fused pass per group. A step decided on the device is applied by kernels
+        //    that read its verdict (and write nothing when it says skipped); the host's emulation
+        //    of one skips here.
+        let emulated_skip = matches!(&verdict, Verdict::Deferred(d)
+            if matches!(&d.source, DeferredSource::Host(o) if o.skipped.is_some()));
+        if !emulated_skip {
+            self.apply(&present, &plan, &new_slots, ctl)?;
+        }
+        // 6. Commit. A step decided on the device is committed now and taken back when its
+        //    verdict, read later, says skipped.
         self.commit(&present, plan, new_slots);
-        report.taken = true;
-        report.step = self.steps;
-        Ok(report)
+        if let Verdict::Deferred(d) = &verdict {
+            self.pending = Some(Pending {
+                verdict: d.clone(),
+                advanced: present.iter().map(Option::is_some).collect(),
+            });
+        }
+        Ok(StepReport {
+            verdict,
+            present: count,
+            before,
+        })
+    }
+
+    /// A verdict decided without reading anything back ([`VerdictMode::Auto`] on CUDA,
+    /// [`VerdictMode::EmulateDeferred`]), with the factor the kernels get from the host and the
+    /// verdict's device address; `None` when this step must be decided on the host.
+    fn deferred_verdict(
+        &mut self,
+        present: &[Option<Tensor>],
+        scale: f64,
+    ) -> Result<Option<(Verdict, f64, u64)>> {
+        let checks = match self.policy {
+            NonFinitePolicy::SkipStep => true,
+            NonFinitePolicy::Propagate => self.max_grad_norm.is_some(),
+            NonFinitePolicy::Error => false,
+        };
+        if self.verdicts == VerdictMode::Host
+            || !checks
+            || self.collective.is_some()
+            || self.base.prepare_reads_gradients()
+        {
+            return Ok(None);
+        }
+        // Every parameter with a gradient has its state: nothing to allocate, no first-step
+        // reductions in `prepare`.
+        let mut grads = Vec::new();
+        let mut grad_it = present.iter();
+        for g in &self.groups {
+            for p in &g.params {
+                if let Some(Some(grad)) = grad_it.next() {
+                    if p.fresh || needs_slots(p, &g.config) {
+                        return Ok(None);
+                    }
+                    grads.push(grad);
+                }
+            }
+        }
+        let Some(first) = grads.first() else {
+            return Ok(None);
+        };
+        if self.verdicts == VerdictMode::EmulateDeferred {
+            if !grads.iter().all(|g| g.device().is_cpu()) {
+                return Ok(None);
+            }
+            let outcome = self.check_and_clip(present, scale)?;
+            let grad_scale = scale * outcome.clip_scale;
+            let d = Deferred {
+                source: DeferredSource::Host(outcome),
+                outcome: std::sync::OnceLock::new(),
+            };
+            return Ok(Some((
+                Verdict::Deferred(std::sync::Arc::new(d)),
+                grad_scale,
+                0,
+            )));
+        }
+        #[cfg(feature = "cuda")]
+        if first.device().is_cuda()
+            && grads
+                .iter()
+                .all(|g| g.dtype() != DType::F64 && g.device().same_device(first.device()))
+        {
+            let owned: Vec<&Tensor> = grads.to_vec();
+            let verdict = backend::cuda::device_verdict(
+                &owned,
+                scale,
+                self.max_grad_norm,
+                self.policy == NonFinitePolicy::SkipStep,
+            )?;
+            let ctl = verdict.ptr();
+            let names: Vec<String> = self
+                .params()
+                .zip(present)
+                .filter(|(_, g)| g.is_some())
+                .map(|(p, _)| p.name.clone())
+                .collect();
+            let d = Deferred {
+                source: DeferredSource::Device {
+                    verdict,
+                    names,
+                    clipping: self.max_grad_norm.is_some(),
+                },
+                outcome: std::sync::OnceLock::new(),
+            };
+            return Ok(Some((
+                Verdict::Deferred(std::sync::Arc::new(d)),
+                scale,
+                ctl,
+            )));
+        }
+        let _ = first;
+        Ok(None)
     }
 
     /// Checks the hyperparameters and every gradient; returns each parameter's gradient (in
@@ -599,16 +977,11 @@ impl<A: Algorithm> Optim<A> {
         Ok(present)
     }
 
-    /// The non-finite policy and clipping. `None`: the step is skipped (the report says why).
-    /// Otherwise the factor every gradient is multiplied by inside the fused pass.
-    fn check_and_clip(
-        &mut self,
-        present: &[Option<Tensor>],
-        scale: f64,
-        report: &mut StepReport,
-    ) -> Result<Option<f64>> {
+    /// The non-finite policy and clipping, decided on the host: whether the step is skipped
+    /// (and why), the norm and the clipping factor.
+    fn check_and_clip(&mut self, present: &[Option<Tensor>], scale: f64) -> Result<Outcome> {
         if self.policy == NonFinitePolicy::Propagate && self.max_grad_norm.is_none() {
-            return Ok(Some(scale));
+            return Ok(Outcome::PLAIN);
         }
         let grads: Vec<&Tensor> = present.iter().flatten().collect();
         // Without clipping no norm is needed: the finite-only pass is cheaper than Σx².
@@ -668,18 +1041,20 @@ impl<A: Algorithm> Optim<A> {
             if self.policy == NonFinitePolicy::Error {
                 return Err(Error::NonFiniteGradient { param });
             }
-            report.updated = 0;
-            report.skipped = Some(SkipReason::NonFiniteGradient { param });
-            return Ok(None);
+            return Ok(Outcome {
+                skipped: Some(SkipReason::NonFiniteGradient { param }),
+                ..Outcome::PLAIN
+            });
         }
-        let mut grad_scale = scale;
-        if let (Some(max), Some(norm)) = (self.max_grad_norm, norm) {
-            report.grad_norm = Some(norm);
-            // torch.nn.utils.clip_grad_norm_: coef = max / (norm + 1e-6), clamped at 1.
-            report.clip_scale = (max / (norm + 1e-6)).min(1.0);
-            grad_scale *= report.clip_scale;
-        }
-        Ok(Some(grad_scale))
+        Ok(match (self.max_grad_norm, norm) {
+            (Some(max), Some(norm)) => Outcome {
+                skipped: None,
+                grad_norm: Some(norm),
+                // torch.nn.utils.clip_grad_norm_: coef = max / (norm + 1e-6), clamped at 1.
+                clip_scale: (max / (norm + 1e-6)).min(1.0),
+            },
+            _ => Outcome::PLAIN,
+        })
     }
 
     /// Runs the algorithm's `prepare` on copies of its scalars and computes every step scalar.
@@ -796,6 +1171,7 @@ impl<A: Algorithm> Optim<A> {
         present: &[Option<Tensor>],
         plan: &Plan<A>,
         new_slots: &[Option<Vec<StateTensor>>],
+        ctl: u64,
     ) -> Result<()> {
         let mut grad_it = present.iter();
         let mut k = 0;
@@ -822,6 +1198,7 @@ impl<A: Algorithm> Optim<A> {
                     shape: p.var.shape(),
                     kernel: plan.kernels[k],
                     rounding,
+                    ctl,
                 });
                 k += 1;
             }

@@ -16,7 +16,7 @@
 //! let x = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu)?;
 //! let loss = model.forward(&x)?.sqr()?.mean_all()?;
 //! let report = opt.backward_step(&loss)?;
-//! assert!(report.taken);
+//! assert!(report.taken());
 //! # Ok::<(), candle_optim::Error>(())
 //! ```
 //!
@@ -49,7 +49,9 @@ pub use algorithm::NsDtype;
 pub use algorithm::{Algorithm, Kernel};
 pub use algorithms::muon::AdjustLr;
 pub use algorithms::sgd_sai::GsnrMode;
-pub use driver::{GroupMemory, NonFinitePolicy, Optim, ParamState, SkipReason, StepReport};
+pub use driver::{
+    GroupMemory, NonFinitePolicy, Optim, Outcome, ParamState, SkipReason, StepReport, VerdictMode,
+};
 pub use error::{Error, Result};
 pub use groups::{is_bias_or_norm, OptimBuilder};
 pub use optimizer::Optimizer;

@@ -4,7 +4,7 @@
 
 use crate::algorithm::Algorithm;
 use crate::checkpoint::write_atomic;
-use crate::driver::{GroupMemory, NonFinitePolicy, Optim, ParamState, StepReport};
+use crate::driver::{GroupMemory, NonFinitePolicy, Optim, ParamState, StepReport, VerdictMode};
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
 use candle_core::backprop::GradStore;
@@ -43,6 +43,9 @@ pub trait Optimizer: Send {
     fn set_non_finite_policy(&mut self, policy: NonFinitePolicy);
     /// Sets (or with `None` removes) global gradient-norm clipping.
     fn set_max_grad_norm(&mut self, max: Option<f64>) -> Result<()>;
+    /// Sets where steps are decided (see [`VerdictMode`]: on CUDA by default on the device,
+    /// without waiting for it).
+    fn set_verdict_mode(&mut self, mode: VerdictMode) -> Result<()>;
     /// [`step`](Self::step) with every gradient multiplied by `scale` inside the fused pass.
     fn step_scaled(&mut self, grads: &GradStore, scale: f64) -> Result<StepReport>;
     /// Sets (or with `None` removes) the learning-rate schedule.
@@ -83,7 +86,10 @@ impl<A: Algorithm> Optimizer for Optim<A> {
         Optim::set_learning_rate(self, lr)
     }
     fn step_count(&self) -> u64 {
-        self.steps
+        Optim::step_count(self)
+    }
+    fn set_verdict_mode(&mut self, mode: VerdictMode) -> Result<()> {
+        Optim::set_verdict_mode(self, mode)
     }
     fn state_bytes(&self) -> usize {
         Optim::state_bytes(self)

@@ -17,6 +17,44 @@ pub(crate) struct ReduceParams {
     pub(crate) mean: f64,
 }
 
+// cuda-params
+/// A step's verdict decided on the device (`kernels/reduce.cu`'s `step_verdict`): the update
+/// kernels read it through their table's `ctl` pointer (a skipped step writes nothing; gradients
+/// are multiplied by `grad_mul`), and the host reads it back only when the step's report is read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct StepControl {
+    /// The clipping factor every gradient is multiplied by (1 without clipping).
+    pub(crate) grad_mul: f64,
+    /// The global norm of the gradients times the step's scale.
+    pub(crate) norm: f64,
+    /// 1: a gradient is non-finite and the policy skips the step.
+    pub(crate) skip: u32,
+    /// The position among the step's gradients of the first non-finite one (`u32::MAX`: none).
+    pub(crate) bad: u32,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl StepControl {
+    /// Words of the struct as the device writes it.
+    pub(crate) const WORDS: usize = 3;
+
+    /// The struct from its bytes as the device wrote them (native endianness, C layout).
+    pub(crate) fn from_words(w: &[u64; Self::WORDS]) -> Self {
+        let b: Vec<u8> = w.iter().flat_map(|x| x.to_ne_bytes()).collect();
+        let f64_at = |o: usize| f64::from_ne_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        let u32_at = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        StepControl {
+            grad_mul: f64_at(std::mem::offset_of!(StepControl, grad_mul)),
+            norm: f64_at(std::mem::offset_of!(StepControl, norm)),
+            skip: u32_at(std::mem::offset_of!(StepControl, skip)),
+            bad: u32_at(std::mem::offset_of!(StepControl, bad)),
+        }
+    }
+}
+const _: () = assert!(std::mem::size_of::<StepControl>() == 8 * StepControl::WORDS);
+
 /// Statistics of one gradient tensor, accumulated in f64.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GradStats {

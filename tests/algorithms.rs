@@ -244,7 +244,7 @@ fn sgd_matches_an_f64_reference_of_torch_sgd() {
                 );
                 r.step(&h, &gv);
             }
-            assert!(opt.step(&g).unwrap().taken, "{label}");
+            assert!(opt.step(&g).unwrap().taken(), "{label}");
             for ((name, v), r) in ["a", "b"].iter().zip(&vars).zip(&refs) {
                 let what = format!("{label} step {step} {name}");
                 assert_close(&what, &v.to_vec1::<f32>().unwrap(), &r.p);

@@ -42,7 +42,7 @@ fn run(opt: &mut dyn Optimizer, vars: &[(String, Var)], from: u64, to: u64) {
                 vars[0].1.as_tensor(),
                 Tensor::full(f32::NAN, vars[0].1.dims(), &Device::Cpu).unwrap(),
             );
-            assert!(!opt.step(&g).unwrap().taken);
+            assert!(!opt.step(&g).unwrap().taken());
         }
         if s == 3 {
             opt.reset_state().unwrap(); // Adan's restart(); for the others a full reset
@@ -273,8 +273,8 @@ fn global_norm_clipping_scales_all_gradients() {
     );
     let before: Vec<f32> = vars[0].1.to_vec1().unwrap();
     let r = opt.step(&g).unwrap();
-    assert_eq!(r.grad_norm, Some(5.0));
-    assert!((r.clip_scale - 1.0 / (5.0 + 1e-6)).abs() < 1e-12);
+    assert_eq!(r.grad_norm(), Some(5.0));
+    assert!((r.clip_scale() - 1.0 / (5.0 + 1e-6)).abs() < 1e-12);
     let after: Vec<f32> = vars[0].1.to_vec1().unwrap();
     // p -= lr · m/(√v + eps) with m = g·c, √v = |g·c|: ≈ (3/5)/(0.6 + 1e6).
     let moved = (before[0] - after[0]) as f64;

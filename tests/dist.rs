@@ -195,8 +195,8 @@ fn check_equal(
         );
         for (a, b) in out.reports.iter().zip(&single.3) {
             assert_eq!(
-                (a.taken, a.updated, a.step),
-                (b.taken, b.updated, b.step),
+                (a.taken(), a.updated(), a.step()),
+                (b.taken(), b.updated(), b.step()),
                 "{what}"
             );
         }
@@ -320,7 +320,7 @@ fn clipping_agrees_across_ranks() {
         let ranks = run_sharded(algo, &hyper, DType::F32, 3, 1..4, None, &setup);
         for out in &ranks {
             for (a, b) in out.reports.iter().zip(&single.3) {
-                let (a, b) = (a.grad_norm.unwrap(), b.grad_norm.unwrap());
+                let (a, b) = (a.grad_norm().unwrap(), b.grad_norm().unwrap());
                 assert!(
                     (a - b).abs() <= 1e-12 * b,
                     "{}: norm {a} vs {b}",
@@ -374,7 +374,7 @@ fn a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank() {
     });
     let before = bits(&vars(DType::F32));
     for (report, params) in outs {
-        assert!(!report.taken && report.skipped.is_some() && report.step == 0);
+        assert!(!report.taken() && report.skipped().is_some() && report.step() == 0);
         assert_eq!(params, before);
     }
 }

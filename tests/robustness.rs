@@ -33,8 +33,8 @@ fn zero_element_parameters_are_no_ops() {
             let r = opt
                 .step(&grads_for(&vars, s))
                 .unwrap_or_else(|err| panic!("{}: {err}", e.label));
-            assert!(r.taken, "{}", e.label);
-            assert_eq!(r.updated, 2, "{}: only the non-empty parameters", e.label);
+            assert!(r.taken(), "{}", e.label);
+            assert_eq!(r.updated(), 2, "{}: only the non-empty parameters", e.label);
         }
         let after = param_values(&vars);
         assert_ne!(after[0], before[0], "{}", e.label);
@@ -417,7 +417,7 @@ fn every_non_finite_value_is_found_in_every_dtype_and_position() {
                     let gt = Tensor::new(g, &Device::Cpu).unwrap().to_dtype(dt).unwrap();
                     grads.insert(w.as_tensor(), gt.clone());
                     let r = opt.step(&grads).unwrap();
-                    assert!(!r.taken, "{dt:?} clip {clip:?}: {bad} at {at} not found");
+                    assert!(!r.taken(), "{dt:?} clip {clip:?}: {bad} at {at} not found");
                     // The same gradient with the value made finite is stepped.
                     let fixed = gt.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
                     let mut v: Vec<f64> = fixed.to_vec1().unwrap();
@@ -426,7 +426,7 @@ fn every_non_finite_value_is_found_in_every_dtype_and_position() {
                         w.as_tensor(),
                         Tensor::new(v, &Device::Cpu).unwrap().to_dtype(dt).unwrap(),
                     );
-                    assert!(opt.step(&grads).unwrap().taken, "{dt:?} finite");
+                    assert!(opt.step(&grads).unwrap().taken(), "{dt:?} finite");
                 }
             }
         }

@@ -2,16 +2,24 @@
 // per CUDA thread (shim/cuda_shim.h), and compares the result of three AdamW steps, bit for
 // bit, with the crate's CPU optimizer (reference data written by ref/, see README.md).
 //
-//   emu DATA CASE [direct|copies] [SKEW]
+//   emu DATA CASE [direct|copies] [SKEW] [verdict]
 //
 // direct: the host's launches (plain entry point for tensors with state in the math type, the
 // _fmt_ one for the others); copies: the others through codec_unpack, the plain kernel on dense
 // copies, codec_pack (AdamP's path on CUDA). SKEW offsets every buffer by that many elements
 // from 64-byte alignment (1: every unaligned path). Bytes around each buffer are checked too.
+// verdict: every table entry carries a step verdict decided on the device (TensorEntry::ctl, a
+// StepControl): each step first runs all its launches under a verdict that says skip (they
+// must write nothing), then under one that multiplies the gradients by 1/4, with the host's
+// grad_scale ×4 in the parameter bytes (exact in binary: the CPU's result, bit for bit). Also
+// checks reduce.cu's step_verdict on a few totals.
 #include "cuda_shim.h"
 #include "adamw.cu"
 #include "codec.cu"
+#include "reduce.cu"
 #include <cassert>
+#include <cmath>
+#include <limits>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -102,6 +110,47 @@ struct Buf {
   }
 };
 
+// reduce.cu's step_verdict on totals (Σx, Σx², Σx·0 per row) against the host's rule
+// (src/driver.rs check_and_clip): the sum in gradient order through `row`, the first non-finite
+// gradient, the norm and the clipping factor.
+static bool verdict_kernel_ok() {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  struct Case { std::vector<double> totals; std::vector<unsigned> row; double scale, max; unsigned skip; };
+  std::vector<Case> cases = {
+      {{1, 4, 0, 2, 9, 0, 0, 1e-3, 0}, {2, 0, 1}, 0.5, 1.0, 1},       // clipped
+      {{1, 4, 0, 2, 9, 0, 0, 1e-3, 0}, {0, 1, 2}, 1.0, 100.0, 1},     // under the threshold
+      {{1, 4, 0, 2, 9, nan, 0, 1e-3, nan}, {2, 0, 1}, 1.0, 1.0, 1},   // rows 2 and 1 bad: i = 0
+      {{1, 4, 0, 2, 9, nan, 0, 1e-3, 0}, {2, 0, 1}, 1.0, 1.0, 1},     // row 1 bad: i = 2
+      {{1, 4, 0, 2, 9, nan, 0, 1e-3, 0}, {2, 0, 1}, 1.0, 1.0, 0},     // propagate: no skip
+      {{1, 4, 0}, {0}, 2.0, 0.0, 1},                                  // no clipping
+  };
+  bool ok = true;
+  threadIdx.x = 0;
+  blockIdx.x = 0;
+  for (size_t c = 0; c < cases.size(); ++c) {
+    const Case& k = cases[c];
+    StepControl got{};
+    step_verdict(k.totals.data(), k.row.data(), (unsigned)k.row.size(), k.scale, k.max, k.skip, &got);
+    double q = 0.0;
+    unsigned bad = 0xFFFFFFFFu;
+    for (size_t i = 0; i < k.row.size(); ++i) {
+      q += k.totals[3 * k.row[i] + 1];
+      if (std::isnan(k.totals[3 * k.row[i] + 2]) && bad == 0xFFFFFFFFu) bad = (unsigned)i;
+    }
+    const double norm = std::sqrt(q * (k.scale * k.scale));
+    const double mul = k.max > 0.0 ? std::fmin(k.max / (norm + 1e-6), 1.0) : 1.0;
+    const unsigned skip = k.skip && bad != 0xFFFFFFFFu;
+    const bool same = got.skip == skip && got.bad == bad &&
+                      memcmp(&got.norm, &norm, 8) == 0 && memcmp(&got.grad_mul, &mul, 8) == 0;
+    if (!same) {
+      printf("FAIL step_verdict case %zu: skip %u bad %u norm %g mul %g (want %u %u %g %g)\n", c,
+             got.skip, got.bad, got.norm, got.grad_mul, skip, bad, norm, mul);
+      ok = false;
+    }
+  }
+  return ok;
+}
+
 struct Slot { std::string dt; int signed_ = 0; int fmt = 0; Buf s, a; Buf copy; };
 struct Param { size_t n; Buf p, g, pcopy, gcopy; std::vector<Slot> slots; };
 
@@ -112,6 +161,11 @@ int main(int argc, char** argv) {
   std::string root = argv[1], cname = argv[2];
   bool copies = argc > 3 && std::string(argv[3]) == "copies";
   size_t skew = argc > 4 ? atoi(argv[4]) : 0;
+  const bool verdict = argc > 5 && std::string(argv[5]) == "verdict";
+  // The two verdicts of every step (see the header), at fixed host addresses.
+  static StepControl skip_ctl{std::numeric_limits<double>::quiet_NaN(), 0.0, 1u, 0u};
+  static StepControl quarter_ctl{0.25, 0.0, 0u, 0xFFFFFFFFu};
+  if (verdict && !verdict_kernel_ok()) return 1;
   std::string dir = root + "/" + cname + "/";
   std::vector<unsigned char> qt = readf(root + "/qtab.bin");
   Buf qtab; qtab.set(qt);
@@ -176,9 +230,26 @@ int main(int argc, char** argv) {
       if (sr) { e.flags |= CO_FLAG_SR; e.key = keys[{i, t}]; }
       auto kb = readf(dir + "k" + std::to_string(i) + "." + std::to_string(t) + ".bin");
       memcpy(e.params, kb.data(), CO_PARAM_BYTES);
+      if (verdict) {
+        double gs;
+        memcpy(&gs, e.params + offsetof(AdamWParams, grad_scale), 8);
+        gs *= 4.0;  // the device's factor 1/4 takes it back exactly
+        memcpy(e.params + offsetof(AdamWParams, grad_scale), &gs, 8);
+        e.ctl = (unsigned long long)&quarter_ctl;
+      }
       es[i] = e;
       nf[i] = e.fmt != 0 || (e.flags & CO_FLAG_SR);
     }
+    // With `verdict`, the step's launches run twice: under a verdict that skips, then as the
+    // host launches them.
+    std::vector<std::vector<TensorEntry>> passes;
+    if (verdict) {
+      std::vector<TensorEntry> skipped = es;
+      for (auto& e : skipped) e.ctl = (unsigned long long)&skip_ctl;
+      passes.push_back(skipped);
+    }
+    passes.push_back(es);
+    for (const auto& es : passes)
     // As the host: plain tensors in one launch of the plain entry point, the others in one of
     // the general one (or, with `copies`, through codec_unpack, the plain kernel, codec_pack).
     for (int which = 0; which < 2; ++which) {
@@ -269,6 +340,6 @@ int main(int argc, char** argv) {
       if (s.fmt == CO_FMT_Q8) cmp("p" + std::to_string(i) + " absmax " + std::to_string(k), s.a, "a" + std::to_string(i) + "." + std::to_string(k) + ".final.bin", 4);
     }
   }
-  printf("%s %s%s skew %zu: %s (%ld values differ in %ld bytes; %ld NaN pairs; %llu blocks run)\n", bad ? "FAIL" : "PASS", cname.c_str(), copies ? " (copies)" : "", skew, bad ? "differs" : nan_pairs ? "bit-identical to the CPU, NaN payloads aside" : "bit-identical to the CPU", bad, total, nan_pairs, g_blocks_run);
+  printf("%s %s%s%s skew %zu: %s (%ld values differ in %ld bytes; %ld NaN pairs; %llu blocks run)\n", bad ? "FAIL" : "PASS", cname.c_str(), copies ? " (copies)" : "", verdict ? " (device verdicts)" : "", skew, bad ? "differs" : nan_pairs ? "bit-identical to the CPU, NaN payloads aside" : "bit-identical to the CPU", bad, total, nan_pairs, g_blocks_run);
   return bad ? 1 : 0;
 }

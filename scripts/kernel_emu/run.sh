@@ -17,7 +17,9 @@ for d in "$work"/data/*/; do
   case=$(basename "$d")
   for mode in direct copies; do
     for skew in 0 1; do
-      "$work/emu" "$work/data" "$case" "$mode" "$skew" || fail=1
+      for verdict in host verdict; do
+        "$work/emu" "$work/data" "$case" "$mode" "$skew" "$verdict" || fail=1
+      done
     done
   done
 done

@@ -221,6 +221,10 @@ impl Algorithm for AdanConfig {
         Ok(())
     }
 
+    fn prepare_reads_gradients(&self) -> bool {
+        self.max_grad_norm > 0.0
+    }
+
     fn kernel(&self, meta: &ParamMeta<'_>, _: &(), _: &(), grad_scale: f64) -> AdanKernel {
         let (b1, b2, b3) = self.betas;
         let k = meta.group_step as f64;

@@ -15,10 +15,11 @@
 use super::Work;
 use crate::algorithm::{Kernel, KernelParams};
 use crate::error::{Error, Result};
-use crate::reduce::{GradStats, ReduceParams};
+use crate::reduce::{GradStats, ReduceParams, StepControl};
 use crate::state::{quantizer, StateTensor, BLOCK};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut,
+    LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::{
@@ -92,6 +93,9 @@ pub(crate) struct Entry {
     pub qtab: u64,
     /// The stochastic-rounding stream (with [`FLAG_SR`]).
     pub key: u64,
+    /// The step's verdict on the device (`StepControl`, [`DeviceVerdict`]), or 0: the kernel
+    /// skips the tensor when it says so and multiplies the gradient by its clipping factor.
+    pub ctl: u64,
     /// Byte `k`: slot `k`'s format ([`FMT_FULL`], [`FMT_BF16`], [`FMT_Q8`]); 0 when every
     /// slot is in the math type.
     pub fmt: u32,
@@ -115,6 +119,7 @@ impl Default for Entry {
             absmax: [0; MAX_SLOTS],
             qtab: 0,
             key: 0,
+            ctl: 0,
             fmt: 0,
             flags: 0,
             params: [0; PARAM_BYTES],
@@ -124,7 +129,7 @@ impl Default for Entry {
 
 /// Words per [`Entry`] as uploaded (`TensorEntry` is `CO_ENTRY_BYTES`, from the same constant).
 const ENTRY_WORDS: usize = ENTRY_BYTES / 8;
-const _: () = assert!(ENTRY_WORDS * 8 == 8 * (2 + MAX_SLOTS + 4 + MAX_SLOTS + 3) + PARAM_BYTES);
+const _: () = assert!(ENTRY_WORDS * 8 == 8 * (2 + MAX_SLOTS + 4 + MAX_SLOTS + 4) + PARAM_BYTES);
 
 impl Entry {
     /// Puts `params` in the parameter area, where the kernel reads it as its C struct (every
@@ -152,7 +157,7 @@ impl Entry {
         out.extend(self.s);
         out.extend([self.n, self.rows, self.row_len, self.off]);
         out.extend(self.absmax);
-        out.extend([self.qtab, self.key]);
+        out.extend([self.qtab, self.key, self.ctl]);
         // `unsigned int fmt, flags;`: fmt at the lower address.
         let mut w = [0u8; 8];
         w[..4].copy_from_slice(&self.fmt.to_ne_bytes());
@@ -551,6 +556,7 @@ pub(crate) fn with_entries_and<K: Kernel>(
                     e.flags |= FLAG_SR;
                     e.key = key;
                 }
+                e.ctl = w.ctl;
                 e.set_params(&w.kernel.params());
                 entries.push(e);
             }
@@ -667,6 +673,51 @@ pub(crate) fn launch_elementwise<K: Kernel>(
     })
 }
 
+/// One multi-tensor reduction's launches: the block kernel into per-block partials, then
+/// `reduce_partials` adding each tensor's partials in block order.
+struct Reduction<'a> {
+    stream: &'a Arc<CudaStream>,
+    blocks: &'a CudaSlice<u32>,
+    first: &'a CudaSlice<u32>,
+    nb: usize,
+    finish: &'a CudaFunction,
+}
+
+impl Reduction<'_> {
+    /// Runs `kernel` (`sums_*` or `centered_*`, `width` doubles per block) over `entries`, whose
+    /// pointers the caller holds, and writes `width` totals per tensor into `out`.
+    fn run(
+        &self,
+        kernel: &CudaFunction,
+        entries: &[Entry],
+        width: u32,
+        out: &mut CudaViewMut<'_, f64>,
+    ) -> Result<()> {
+        let stream = self.stream;
+        let t = entries.len();
+        if out.len() < t * width as usize {
+            return Err(Error::Unsupported("reduction output too small".into()));
+        }
+        let table = upload_table(stream, entries)?;
+        let mut partial = stream
+            .alloc_zeros::<f64>(self.nb.max(1) * width as usize)
+            .w()?;
+        let mut b = stream.launch_builder(kernel);
+        b.arg(&table).arg(self.blocks).arg(&mut partial);
+        if self.nb > 0 {
+            // SAFETY: (const TensorEntry*, const BlockEntry*, double* out) with `out`
+            // holding `width` doubles per block; pointers are held by the caller.
+            unsafe { b.launch(grid(self.nb)) }.w()?;
+        }
+        let mut b = stream.launch_builder(self.finish);
+        b.arg(&partial).arg(self.first).arg(&width).arg(out);
+        // SAFETY: one block per tensor reads its blocks' partials ([first[t], first[t+1]) ×
+        // width) and writes out[t*width..(t+1)*width]; `out` holds t × width (checked above).
+        unsafe { b.launch(grid(t)) }.w()?;
+        Ok(())
+    }
+}
+
 /// Per-tensor statistics of CUDA gradients (see [`crate::reduce::Reducer::stats`]): one launch
 /// and one copy to the host per pass, never one per tensor.
 pub(crate) fn grad_stats(grads: &[&Tensor], centered: bool) -> Result<Vec<GradStats>> {
@@ -708,22 +759,15 @@ pub(crate) fn grad_stats(grads: &[&Tensor], centered: bool) -> Result<Vec<GradSt
                 let first_d = stream.clone_htod(&first).w()?;
                 let reduce =
                     |kernel: &CudaFunction, entries: &[Entry], width: u32| -> Result<Vec<f64>> {
-                        let table = upload_table(&stream, entries)?;
-                        let mut partial =
-                            stream.alloc_zeros::<f64>(nb.max(1) * width as usize).w()?;
                         let mut total = stream.alloc_zeros::<f64>(t * width as usize).w()?;
-                        let mut b = stream.launch_builder(kernel);
-                        b.arg(&table).arg(&blocks_d).arg(&mut partial);
-                        if nb > 0 {
-                            // SAFETY: (const TensorEntry*, const BlockEntry*, double* out) with `out`
-                            // holding `width` doubles per block; pointers are held by the caller.
-                            unsafe { b.launch(grid(nb)) }.w()?;
-                        }
-                        let mut b = stream.launch_builder(&fin);
-                        b.arg(&partial).arg(&first_d).arg(&width).arg(&mut total);
-                        // SAFETY: one block per tensor reads its blocks' partials ([first[t],
-                        // first[t+1]) × width) and writes total[t*width..]; both sized above.
-                        unsafe { b.launch(grid(t)) }.w()?;
+                        let launch = Reduction {
+                            stream: &stream,
+                            blocks: &blocks_d,
+                            first: &first_d,
+                            nb,
+                            finish: &fin,
+                        };
+                        launch.run(kernel, entries, width, &mut total.slice_mut(..))?;
                         Ok(stream.clone_dtoh(&total).w()?)
                     };
                 let sqz = reduce(&sums, &entries, 3)?;
@@ -763,4 +807,171 @@ pub(crate) fn grad_stats(grads: &[&Tensor], centered: bool) -> Result<Vec<GradSt
     out.into_iter()
         .map(|s| s.ok_or_else(|| Error::Unsupported("gradient dtype without CUDA kernels".into())))
         .collect()
+}
+
+/// A step's verdict decided on the device ([`device_verdict`]): the `StepControl` the update
+/// kernels read (through [`Work::ctl`]), and its copy to pinned host memory, enqueued right
+/// after it is computed, which [`DeviceVerdict::read`] waits for (only for that copy, never for
+/// the stream's later work).
+pub(crate) struct DeviceVerdict {
+    /// Kept alive for the update kernels, which read it through [`DeviceVerdict::ptr`].
+    _ctl: CudaSlice<u64>,
+    ptr: u64,
+    host: Option<PinnedHostSlice<u64>>,
+}
+
+impl std::fmt::Debug for DeviceVerdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceVerdict")
+            .field("ptr", &self.ptr)
+            .finish()
+    }
+}
+
+/// Pinned host buffers for verdicts, kept for reuse: page-locking memory costs far more than a
+/// step's other host work.
+static PINNED: Mutex<Vec<PinnedHostSlice<u64>>> = Mutex::new(Vec::new());
+
+impl DeviceVerdict {
+    /// The device address of the `StepControl` ([`Entry::ctl`]).
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// The verdict, once its copy has reached the host.
+    pub(crate) fn read(&self) -> Result<StepControl> {
+        let host = self
+            .host
+            .as_ref()
+            .ok_or_else(|| Error::Unsupported("verdict buffer released".into()))?;
+        let w = host.as_slice().w()?;
+        let words: &[u64; StepControl::WORDS] = w
+            .get(..StepControl::WORDS)
+            .and_then(|w| w.try_into().ok())
+            .ok_or_else(|| Error::Unsupported("verdict buffer too small".into()))?;
+        Ok(StepControl::from_words(words))
+    }
+}
+
+/// The pinned buffer goes back to the pool (a later copy into it first waits for this one's);
+/// `ctl` is freed in stream order, after the kernels that read it.
+impl Drop for DeviceVerdict {
+    fn drop(&mut self) {
+        if let (Some(h), Ok(mut pool)) = (self.host.take(), PINNED.lock()) {
+            pool.push(h);
+        }
+    }
+}
+
+fn pinned(ctx: &Arc<CudaContext>) -> Result<PinnedHostSlice<u64>> {
+    if let Ok(mut pool) = PINNED.lock() {
+        if let Some(i) = pool.iter().position(|h| Arc::ptr_eq(h.context(), ctx)) {
+            return Ok(pool.swap_remove(i));
+        }
+    }
+    // SAFETY: the memory is uninitialized until a copy fills it; it is read only through
+    // `DeviceVerdict::read`, after the `memcpy_dtoh` enqueued in `device_verdict` (whose
+    // completion `as_slice` waits for), and any bit pattern is a valid u64.
+    Ok(unsafe { ctx.alloc_pinned_with_flags::<u64>(StepControl::WORDS, 0) }.w()?)
+}
+
+/// Decides a step on the device, reading nothing back: the finite check and, with `max_norm`,
+/// the global norm and the clipping factor of `grads` (every one on the CUDA device of the
+/// first, in f32, bf16 or f16) multiplied by `scale`, as the driver's synchronous path forms
+/// them; `skip`: a non-finite gradient skips the step.
+pub(crate) fn device_verdict(
+    grads: &[&Tensor],
+    scale: f64,
+    max_norm: Option<f64>,
+    skip: bool,
+) -> Result<DeviceVerdict> {
+    let first = grads
+        .first()
+        .ok_or_else(|| Error::Unsupported("a device verdict needs a gradient".into()))?;
+    let dev = cuda_device(first)?;
+    let stream = dev.cuda_stream();
+    let mut totals = stream.alloc_zeros::<f64>(3 * grads.len()).w()?;
+    let mut row = vec![0u32; grads.len()];
+    let mut next = 0usize;
+    let fin = function(dev, "reduce", "reduce_partials")?;
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        let idx: Vec<usize> = (0..grads.len())
+            .filter(|&i| grads[i].dtype() == dt)
+            .collect();
+        if idx.is_empty() {
+            continue;
+        }
+        let sel: Vec<&Tensor> = idx.iter().map(|&i| grads[i]).collect();
+        if sel.iter().any(|g| !g.device().same_device(first.device())) {
+            return Err(Error::Unsupported(
+                "a device verdict needs every gradient on one device".into(),
+            ));
+        }
+        let sums = function(dev, "reduce", &format!("sums_{}", dtype_suffix(dt)?))?;
+        let n: Vec<u64> = sel.iter().map(|t| t.elem_count() as u64).collect();
+        let (blocks, firsts) = block_table(&n, CHUNK as u64);
+        let (start, end) = (next, next + sel.len());
+        for (k, &i) in idx.iter().enumerate() {
+            row[i] = (start + k) as u32;
+        }
+        next = end;
+        with_read_ptrs(&sel, &stream, |ptrs| {
+            let entries: Vec<Entry> = ptrs
+                .iter()
+                .zip(&n)
+                .map(|(&p, &n)| Entry {
+                    p,
+                    n,
+                    ..Default::default()
+                })
+                .collect();
+            let blocks_d = stream.clone_htod(&blocks).w()?;
+            let first_d = stream.clone_htod(&firsts).w()?;
+            let launch = Reduction {
+                stream: &stream,
+                blocks: &blocks_d,
+                first: &first_d,
+                nb: blocks.len() / 2,
+                finish: &fin,
+            };
+            launch.run(
+                &sums,
+                &entries,
+                3,
+                &mut totals.slice_mut(3 * start..3 * end),
+            )
+        })?;
+    }
+    if next != grads.len() {
+        return Err(Error::Unsupported(
+            "a device verdict takes f32, bf16 and f16 gradients".into(),
+        ));
+    }
+    let row_d = stream.clone_htod(&row).w()?;
+    let mut ctl = stream.alloc_zeros::<u64>(StepControl::WORDS).w()?;
+    let func = function(dev, "reduce", "step_verdict")?;
+    let (count, max, policy) = (grads.len() as u32, max_norm.unwrap_or(0.0), u32::from(skip));
+    let mut b = stream.launch_builder(&func);
+    b.arg(&totals)
+        .arg(&row_d)
+        .arg(&count)
+        .arg(&scale)
+        .arg(&max)
+        .arg(&policy)
+        .arg(&mut ctl);
+    // SAFETY: step_verdict(const double* totals, const unsigned* row, unsigned n, double,
+    // double, unsigned, StepControl* out): `totals` holds 3 doubles for each of the n rows that
+    // `row` (n entries) names, and `out` is StepControl::WORDS words, the struct's size.
+    unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.w()?;
+    let mut host = pinned(stream.context())?;
+    stream.memcpy_dtoh(&ctl, &mut host).w()?;
+    let ptr = {
+        let (p, _rec) = ctl.device_ptr(&stream);
+        p
+    };
+    Ok(DeviceVerdict {
+        _ctl: ctl,
+        ptr,
+        host: Some(host),
+    })
 }

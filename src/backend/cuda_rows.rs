@@ -140,6 +140,7 @@ fn update_through_copies<K: Kernel>(items: &[Work<'_, K>]) -> Result<()> {
                 shape: w.shape,
                 kernel: w.kernel,
                 rounding: None,
+                ctl: w.ctl,
             })
             .collect();
         update_direct(&works)?;

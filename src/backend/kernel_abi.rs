@@ -15,8 +15,8 @@ pub(crate) const MAX_SLOTS: usize = 4;
 /// asserted to fit on both sides).
 pub(crate) const PARAM_BYTES: usize = 128;
 /// Bytes per tensor entry (`TensorEntry`): p, g, the slots, n, rows, row_len, off, the slots'
-/// absmax pointers, qtab, key, fmt and flags (one word), the parameter area.
-pub(crate) const ENTRY_BYTES: usize = 264;
+/// absmax pointers, qtab, key, ctl, fmt and flags (one word), the parameter area.
+pub(crate) const ENTRY_BYTES: usize = 272;
 /// Elements per warp segment of the row-projected kernels (`adamp_pass1`, `adamp_pu`).
 pub(crate) const ROW_SEG: u64 = 1024;
 
@@ -39,7 +39,7 @@ pub(crate) const QTAB_LUT: usize = 2048;
 /// Bytes of the quantizer table.
 pub(crate) const QTAB_BYTES: usize = 133120;
 
-const _: () = assert!(ENTRY_BYTES == 8 * (2 + MAX_SLOTS + 4 + MAX_SLOTS + 3) + PARAM_BYTES);
+const _: () = assert!(ENTRY_BYTES == 8 * (2 + MAX_SLOTS + 4 + MAX_SLOTS + 4) + PARAM_BYTES);
 const _: () = assert!(PARAM_BYTES.is_multiple_of(8));
 const _: () = assert!(QBLOCK == crate::state::BLOCK && CHUNK.is_multiple_of(QBLOCK));
 const _: () = assert!(

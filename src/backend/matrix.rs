@@ -62,6 +62,7 @@ pub(crate) fn update<K: Kernel>(items: &[Work<'_, K>]) -> Result<()> {
                 shape: w.shape,
                 kernel: k,
                 rounding: w.rounding,
+                ctl: w.ctl,
             }),
             Some(MatrixPart::Orthogonalized {
                 blend,
@@ -149,6 +150,7 @@ fn blend<K: Kernel>(o: &Orth<'_, K>) -> Result<Tensor> {
                 shape: w.shape,
                 kernel: o.blend,
                 rounding: None,
+                ctl: w.ctl,
             })?;
             Ok(u)
         }
@@ -163,6 +165,7 @@ fn blend<K: Kernel>(o: &Orth<'_, K>) -> Result<Tensor> {
                 shape: w.shape,
                 kernel: o.blend,
                 rounding: None,
+                ctl: w.ctl,
             }])?;
             Ok(u)
         }
@@ -206,6 +209,7 @@ fn apply_update<K: Kernel>(o: &Orth<'_, K>, out: &Tensor) -> Result<()> {
             shape: w.shape,
             kernel: o.update,
             rounding: None,
+            ctl: w.ctl,
         }),
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => super::cuda::elementwise(&[Work {
@@ -215,6 +219,7 @@ fn apply_update<K: Kernel>(o: &Orth<'_, K>, out: &Tensor) -> Result<()> {
             shape: w.shape,
             kernel: o.update,
             rounding: None,
+            ctl: w.ctl,
         }]),
         _ => {
             let s = &o.scalars;

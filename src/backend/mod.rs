@@ -40,6 +40,10 @@ pub(crate) struct Work<'a, K> {
     pub kernel: K,
     /// The stochastic-rounding stream of a bf16 parameter written back stochastically.
     pub rounding: Option<u64>,
+    /// CUDA: the device address of the step's verdict (`StepControl`, decided on the device:
+    /// skip, clipping factor) that the kernels read, or 0 (the CPU's is always 0: its verdict is
+    /// known before the update).
+    pub ctl: u64,
 }
 
 impl<K: Kernel> Execution<K> for ElementWise {

@@ -222,7 +222,9 @@ impl<A: Algorithm> std::fmt::Debug for Sharded<A> {
 impl<A: Algorithm> Sharded<A> {
     /// This rank's share of `opt`, which every rank builds the same way. State `opt` already
     /// has is split, so a loaded single-process optimizer can be sharded.
-    pub fn new(opt: Optim<A>, comm: Arc<dyn Communicator>) -> Result<Self> {
+    pub fn new(mut opt: Optim<A>, comm: Arc<dyn Communicator>) -> Result<Self> {
+        // Its counters exact (a step decided on the device applied), before they are copied.
+        opt.settle()?;
         let n = comm.world_size();
         let rank = comm.rank();
         if n == 0 || rank >= n {
@@ -449,11 +451,10 @@ impl<A: Algorithm> Sharded<A> {
         let scattered = Instant::now();
         let mut report = self.inner.step_scaled(&store, scale)?;
         let updated = Instant::now();
-        if report.taken {
-            report.updated = present.iter().filter(|&&p| p > 0.0).count();
+        if report.taken() {
+            // Counted over every rank's parameters, not this rank's pieces.
+            report.set_present(present.iter().filter(|&&p| p > 0.0).count());
             self.gather_params()?;
-        } else {
-            report.updated = 0;
         }
         self.timing = StepTiming {
             reduce_scatter: scattered - start,
@@ -972,6 +973,11 @@ impl<A: Algorithm> Optimizer for Sharded<A> {
     }
     fn set_max_grad_norm(&mut self, max: Option<f64>) -> Result<()> {
         self.inner.set_max_grad_norm(max)
+    }
+    /// Kept for the rank's optimizer; its steps are decided on the host all the same, since the
+    /// ranks agree on the verdict through a collective.
+    fn set_verdict_mode(&mut self, mode: crate::VerdictMode) -> Result<()> {
+        self.inner.set_verdict_mode(mode)
     }
     fn step_scaled(&mut self, grads: &GradStore, scale: f64) -> Result<StepReport> {
         Sharded::step_scaled(self, grads, scale)
