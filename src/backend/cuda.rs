@@ -677,13 +677,41 @@ pub(crate) fn launch_elementwise<K: Kernel>(
 /// `reduce_partials` adding each tensor's partials in block order.
 struct Reduction<'a> {
     stream: &'a Arc<CudaStream>,
-    blocks: &'a CudaSlice<u32>,
-    first: &'a CudaSlice<u32>,
+    blocks: CudaSlice<u32>,
+    first: CudaSlice<u32>,
     nb: usize,
-    finish: &'a CudaFunction,
+    finish: CudaFunction,
 }
 
-impl Reduction<'_> {
+impl<'a> Reduction<'a> {
+    /// The block tables of a reduction over tensors of `n` elements at `ptrs` (which the
+    /// caller holds), uploaded, and the tensors' table entries.
+    fn new(
+        dev: &CudaDevice,
+        stream: &'a Arc<CudaStream>,
+        ptrs: &[u64],
+        n: &[u64],
+    ) -> Result<(Self, Vec<Entry>)> {
+        let entries = ptrs
+            .iter()
+            .zip(n)
+            .map(|(&p, &n)| Entry {
+                p,
+                n,
+                ..Default::default()
+            })
+            .collect();
+        let (blocks, first) = block_table(n, CHUNK as u64);
+        let r = Reduction {
+            stream,
+            blocks: stream.clone_htod(&blocks).w()?,
+            first: stream.clone_htod(&first).w()?,
+            nb: blocks.len() / 2,
+            finish: function(dev, "reduce", "reduce_partials")?,
+        };
+        Ok((r, entries))
+    }
+
     /// Runs `kernel` (`sums_*` or `centered_*`, `width` doubles per block) over `entries`, whose
     /// pointers the caller holds, and writes `width` totals per tensor into `out`.
     fn run(
@@ -703,14 +731,14 @@ impl Reduction<'_> {
             .alloc_zeros::<f64>(self.nb.max(1) * width as usize)
             .w()?;
         let mut b = stream.launch_builder(kernel);
-        b.arg(&table).arg(self.blocks).arg(&mut partial);
+        b.arg(&table).arg(&self.blocks).arg(&mut partial);
         if self.nb > 0 {
             // SAFETY: (const TensorEntry*, const BlockEntry*, double* out) with `out`
             // holding `width` doubles per block; pointers are held by the caller.
             unsafe { b.launch(grid(self.nb)) }.w()?;
         }
-        let mut b = stream.launch_builder(self.finish);
-        b.arg(&partial).arg(self.first).arg(&width).arg(out);
+        let mut b = stream.launch_builder(&self.finish);
+        b.arg(&partial).arg(&self.first).arg(&width).arg(out);
         // SAFETY: one block per tensor reads its blocks' partials ([first[t], first[t+1]) ×
         // width) and writes out[t*width..(t+1)*width]; `out` holds t × width (checked above).
         unsafe { b.launch(grid(t)) }.w()?;
@@ -739,34 +767,14 @@ pub(crate) fn grad_stats(grads: &[&Tensor], centered: bool) -> Result<Vec<GradSt
             let stream = dev.cuda_stream();
             let sfx = dtype_suffix(dt)?;
             let n: Vec<u64> = sel.iter().map(|t| t.elem_count() as u64).collect();
-            let (blocks, first) = block_table(&n, CHUNK as u64);
-            let nb = blocks.len() / 2;
             let sums = function(dev, "reduce", &format!("sums_{sfx}"))?;
             let cent = function(dev, "reduce", &format!("centered_{sfx}"))?;
-            let fin = function(dev, "reduce", "reduce_partials")?;
             let t = sel.len();
             let (z, q, c) = with_read_ptrs(&sel, &stream, |ptrs| {
-                let mut entries: Vec<Entry> = ptrs
-                    .iter()
-                    .zip(&n)
-                    .map(|(&p, &n)| Entry {
-                        p,
-                        n,
-                        ..Default::default()
-                    })
-                    .collect();
-                let blocks_d = stream.clone_htod(&blocks).w()?;
-                let first_d = stream.clone_htod(&first).w()?;
+                let (launch, mut entries) = Reduction::new(dev, &stream, ptrs, &n)?;
                 let reduce =
                     |kernel: &CudaFunction, entries: &[Entry], width: u32| -> Result<Vec<f64>> {
                         let mut total = stream.alloc_zeros::<f64>(t * width as usize).w()?;
-                        let launch = Reduction {
-                            stream: &stream,
-                            blocks: &blocks_d,
-                            first: &first_d,
-                            nb,
-                            finish: &fin,
-                        };
                         launch.run(kernel, entries, width, &mut total.slice_mut(..))?;
                         Ok(stream.clone_dtoh(&total).w()?)
                     };
@@ -893,7 +901,6 @@ pub(crate) fn device_verdict(
     let mut totals = stream.alloc_zeros::<f64>(3 * grads.len()).w()?;
     let mut row = vec![0u32; grads.len()];
     let mut next = 0usize;
-    let fin = function(dev, "reduce", "reduce_partials")?;
     for dt in [DType::F32, DType::BF16, DType::F16] {
         let idx: Vec<usize> = (0..grads.len())
             .filter(|&i| grads[i].dtype() == dt)
@@ -909,37 +916,15 @@ pub(crate) fn device_verdict(
         }
         let sums = function(dev, "reduce", &format!("sums_{}", dtype_suffix(dt)?))?;
         let n: Vec<u64> = sel.iter().map(|t| t.elem_count() as u64).collect();
-        let (blocks, firsts) = block_table(&n, CHUNK as u64);
         let (start, end) = (next, next + sel.len());
         for (k, &i) in idx.iter().enumerate() {
             row[i] = (start + k) as u32;
         }
         next = end;
         with_read_ptrs(&sel, &stream, |ptrs| {
-            let entries: Vec<Entry> = ptrs
-                .iter()
-                .zip(&n)
-                .map(|(&p, &n)| Entry {
-                    p,
-                    n,
-                    ..Default::default()
-                })
-                .collect();
-            let blocks_d = stream.clone_htod(&blocks).w()?;
-            let first_d = stream.clone_htod(&firsts).w()?;
-            let launch = Reduction {
-                stream: &stream,
-                blocks: &blocks_d,
-                first: &first_d,
-                nb: blocks.len() / 2,
-                finish: &fin,
-            };
-            launch.run(
-                &sums,
-                &entries,
-                3,
-                &mut totals.slice_mut(3 * start..3 * end),
-            )
+            let (launch, entries) = Reduction::new(dev, &stream, ptrs, &n)?;
+            let out = &mut totals.slice_mut(3 * start..3 * end);
+            launch.run(&sums, &entries, 3, out)
         })?;
     }
     if next != grads.len() {
