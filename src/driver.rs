@@ -885,9 +885,9 @@ impl<A: Algorithm> Optim<A> {
                 }
             }
         }
-        let Some(first) = grads.first() else {
+        if grads.is_empty() {
             return Ok(None);
-        };
+        }
         if self.verdicts == VerdictMode::EmulateDeferred {
             if !grads.iter().all(|g| g.device().is_cpu()) {
                 return Ok(None);
@@ -905,14 +905,13 @@ impl<A: Algorithm> Optim<A> {
             )));
         }
         #[cfg(feature = "cuda")]
-        if first.device().is_cuda()
+        if grads[0].device().is_cuda()
             && grads
                 .iter()
-                .all(|g| g.dtype() != DType::F64 && g.device().same_device(first.device()))
+                .all(|g| g.dtype() != DType::F64 && g.device().same_device(grads[0].device()))
         {
-            let owned: Vec<&Tensor> = grads.to_vec();
             let verdict = backend::cuda::device_verdict(
-                &owned,
+                &grads,
                 scale,
                 self.max_grad_norm,
                 self.policy == NonFinitePolicy::SkipStep,
@@ -938,7 +937,6 @@ impl<A: Algorithm> Optim<A> {
                 ctl,
             )));
         }
-        let _ = first;
         Ok(None)
     }
 
