@@ -120,6 +120,31 @@ fn check_abi(out: &Path) {
     .expect("write $OUT_DIR/params.rs");
 }
 
+/// Every kernel reads its gradient factor as `co_grad_scale(t, q.grad_scale)`: the host's
+/// `grad_scale` times the clipping factor of a step decided on the device (`common.cuh`). A
+/// kernel reading `q.grad_scale` bare would ignore that factor without any test on a machine
+/// without a GPU noticing, so the build refuses it.
+fn check_grad_scale() {
+    let mut sources: Vec<PathBuf> = std::fs::read_dir("kernels")
+        .expect("kernels/ directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    sources.sort();
+    for src in sources {
+        let text = std::fs::read_to_string(&src).expect("a kernel source");
+        for (i, _) in text.match_indices("q.grad_scale") {
+            assert!(
+                text[..i].ends_with("co_grad_scale(t, "),
+                "{} line {}: read the gradient factor as co_grad_scale(t, q.grad_scale) \
+                 (kernels/common.cuh), which applies a device-decided clipping factor",
+                src.display(),
+                text[..i].lines().count()
+            );
+        }
+    }
+}
+
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-env-changed=NVCC");
@@ -127,6 +152,7 @@ fn main() {
     check_abi(&PathBuf::from(
         std::env::var_os("OUT_DIR").expect("OUT_DIR"),
     ));
+    check_grad_scale();
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
