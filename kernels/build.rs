@@ -85,12 +85,7 @@ fn check_abi(out: &Path) {
     check_committed(out, "abi.cuh", &abi_header(&rs), ABI_RS);
 
     // The parameter structs: every algorithm module, and the reductions'.
-    let mut files: Vec<PathBuf> = std::fs::read_dir("src/algorithms")
-        .expect("src/algorithms")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
-        .collect();
-    files.sort();
+    let mut files = files_with("src/algorithms", "rs");
     files.push(PathBuf::from("src/reduce.rs"));
     println!("cargo:rerun-if-changed=src/algorithms");
     let mut structs = Vec::new();
@@ -120,17 +115,23 @@ fn check_abi(out: &Path) {
     .expect("write $OUT_DIR/params.rs");
 }
 
+/// The files `dir/*.ext`, sorted.
+fn files_with(dir: &str, ext: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{dir}/: {e}"))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .collect();
+    files.sort();
+    files
+}
+
 /// Every kernel reads its gradient factor as `co_grad_scale(t, q.grad_scale)`: the host's
 /// `grad_scale` times the clipping factor of a step decided on the device (`common.cuh`). A
 /// kernel reading `q.grad_scale` bare would ignore that factor without any test on a machine
 /// without a GPU noticing, so the build refuses it.
 fn check_grad_scale() {
-    let mut sources: Vec<PathBuf> = std::fs::read_dir("kernels")
-        .expect("kernels/ directory")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
-        .collect();
-    sources.sort();
+    let sources = files_with("kernels", "cu");
     for src in sources {
         let text = std::fs::read_to_string(&src).expect("a kernel source");
         for (i, _) in text.match_indices("q.grad_scale") {
@@ -158,12 +159,7 @@ fn main() {
     }
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     let nvcc = nvcc();
-    let mut sources: Vec<PathBuf> = std::fs::read_dir("kernels")
-        .expect("kernels/ directory")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
-        .collect();
-    sources.sort();
+    let sources = files_with("kernels", "cu");
     for src in sources {
         println!("cargo:rerun-if-changed={}", src.display());
         let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
